@@ -1,0 +1,281 @@
+"""The run configuration: one validated schema, loaded from YAML with `--set a.b=c` overrides.
+
+The schema's defaults *are* the embedded default run (`configs/cpu-smollm2.yaml` spells them out): a run
+sized for a 2-core CPU machine. Every actor receives its own section of one `Config` object; nothing
+below the CLI reads environment variables except the teacher's API key, whose variable name is configured.
+
+Invariants: unknown keys and wrong types fail at load time with the key path and the expected type;
+cross-section constraints (LoRA rank, adapter slots versus staleness, teacher endpoint) are checked here,
+not discovered by an actor minutes into a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StudentConfig(_Section):
+    """The student served by vLLM with LoRA enabled."""
+
+    model: str = Field("smollm2-135m-instruct", description="A name `prepare-model` knows, or a checkpoint path.")
+    backend: Literal["vllm", "vllm_server"] = Field(
+        "vllm", description="`vllm`: an engine inside a Ray actor; `vllm_server`: an external `vllm serve`."
+    )
+    server_url: str | None = Field(None, description="Base URL of the external server (backend vllm_server).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="float32 on CPU (bf16 was ~8x slower on the reference CPU)."
+    )
+    max_model_len: int = Field(2048, ge=256)
+    cpu_kvcache_gib: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU engines.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enforce_eager: bool = Field(True, description="Skip graph compilation (~40 s on CPU).")
+    max_lora_rank: int = Field(16, ge=1)
+    max_loras: int = Field(3, ge=1, description="Adapter versions kept loaded at once.")
+    prompt_format: Literal["chat", "completion"] = Field(
+        "chat", description="chat: the instruct template, fenced code extracted; completion: header + body."
+    )
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    samples_per_task: int = Field(2, ge=1)
+    tasks_per_batch: int = Field(8, ge=1, description="Tasks per generate call.")
+    seed: int = 0
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_restarts: int = Field(3, ge=0)
+
+
+class TeacherConfig(_Section):
+    """The teacher that refines failed attempts."""
+
+    kind: Literal["reference_oracle", "openai"] = Field(
+        "reference_oracle",
+        description="reference_oracle: returns the task's reference solution (an oracle, not PERsD); "
+        "openai: any OpenAI-compatible endpoint.",
+    )
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    include_reference: bool = Field(False, description="Show the task's reference solution to the teacher.")
+    refine_rounds: int = Field(1, ge=0, description="Extra rounds for a refinement that fails its tests.")
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(512, ge=1)
+    max_concurrency: int = Field(4, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_initial_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    price_per_prompt_token: float = Field(0.0, ge=0, description="USD per prompt token.")
+    price_per_completion_token: float = Field(0.0, ge=0, description="USD per completion token.")
+    budget_tokens: int | None = Field(None, ge=0, description="Stop teacher calls after this many tokens.")
+    budget_usd: float | None = Field(None, ge=0, description="Stop teacher calls after this cost.")
+    cache: bool = Field(True, description="Content-addressed on-disk cache of requests and responses.")
+    num_cpus: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _endpoint_named(self) -> TeacherConfig:
+        if self.kind == "openai" and not (self.base_url and self.model):
+            raise ValueError("teacher.kind 'openai' needs teacher.base_url and teacher.model")
+        return self
+
+
+class SandboxConfig(_Section):
+    """Executors for untrusted programs."""
+
+    workers: int = Field(2, ge=1, description="Pre-forked workers per sandbox actor.")
+    timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit per program.")
+    memory_mb: int = Field(1024, ge=64, description="Address-space limit per program.")
+    max_in_flight: int = Field(64, ge=1, description="Jobs queued per actor before callers wait.")
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class TrainerConfig(_Section):
+    """The streaming LoRA trainer."""
+
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: fp32 on CPU, bf16 on GPU.")
+    lr: float = Field(4e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(4, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="After warmup; a stream has no known end, so constant is the default."
+    )
+    schedule_steps: int = Field(1000, ge=1, description="Decay horizon for linear/cosine schedules.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_examples: int = Field(4, ge=1, description="Examples per micro-batch.")
+    max_batch_tokens: int = Field(2048, ge=64, description="Token budget of a packed micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1)
+    max_seq_len: int = Field(1024, ge=64)
+    publish_every_steps: int = Field(6, ge=1)
+    publish_every_s: float | None = Field(None, gt=0, description="Also publish after this many seconds.")
+    checkpoint_every_steps: int = Field(24, ge=1)
+    replay_fraction: float = Field(0.5, ge=0, lt=1, description="Share of each batch drawn from replay.")
+    replay_capacity: int = Field(512, ge=1)
+    max_reuse: int = Field(4, ge=1, description="Times one example may be trained on.")
+    torch_threads: int | None = Field(None, ge=1)
+    seed: int = 0
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_restarts: int = Field(1, ge=0)
+
+
+class CurriculumConfig(_Section):
+    """Which task to attempt next."""
+
+    policy: Literal["learning_value", "uniform"] = "learning_value"
+    retire_after_passes: int = Field(2, ge=1, description="Consecutive passes that retire a task.")
+    recheck_prob: float = Field(0.05, ge=0, le=1, description="Chance to re-check a retired task.")
+    park_after_teacher_failures: int = Field(2, ge=1, description="Unfixable refinements that park a task.")
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation of the current adapter."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["humaneval"], description="Held-out task sets.")
+    limit: int | None = Field(40, ge=1, description="Tasks per held-out set (None: all).")
+    n_samples: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(384, ge=1)
+    every_versions: int = Field(2, ge=1, description="Evaluate every K adapter versions.")
+    num_cpus: float = Field(0.1, ge=0)
+
+
+class TasksConfig(_Section):
+    """The training task pool."""
+
+    pool: str = Field("mbpp:train", description="humaneval, mbpp, mbpp:<split>, or a path to a JSONL file.")
+    limit: int | None = Field(40, ge=1, description="Use the first N tasks of the pool (None: all).")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None: join a running cluster if any, else start a local Ray.")
+    namespace: str = "persd-online"
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all).")
+
+
+class BudgetConfig(_Section):
+    """When a run stops (whichever comes first)."""
+
+    max_wall_s: float | None = Field(1080.0, gt=0)
+    max_attempts: int | None = Field(None, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+    max_versions: int | None = Field(None, ge=1)
+
+
+class Config(_Section):
+    """A whole run."""
+
+    name: str = Field("cpu-smollm2", pattern=r"^[A-Za-z0-9_.-]+$")
+    runs_dir: Path = Path("runs")
+    cache_dir: Path | None = Field(None, description="Model cache (None: $PERSD_ONLINE_CACHE or ~/.cache).")
+    method: Literal["persd", "persd_refine", "persd_combine"] = "persd"
+    max_staleness: int = Field(1, ge=0, description="Versions an attempt may lag the trainer and still train.")
+    seed: int = 0
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Config:
+        if self.student.max_loras < self.max_staleness + 1:
+            raise ValueError(
+                f"student.max_loras ({self.student.max_loras}) must be at least max_staleness + 1 "
+                f"({self.max_staleness + 1}) so in-flight requests finish on the version they started with"
+            )
+        if self.student.max_lora_rank < self.trainer.lora.r:
+            raise ValueError(
+                f"student.max_lora_rank ({self.student.max_lora_rank}) is below trainer.lora.r "
+                f"({self.trainer.lora.r}); the engine could not load the trainer's adapters"
+            )
+        if self.student.backend == "vllm_server" and not self.student.server_url:
+            raise ValueError("student.backend 'vllm_server' needs student.server_url")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names each bad key path and what was expected."""
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key")
+        else:
+            got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+            lines.append(f"{path}: {err['msg'].removeprefix('Value error, ')}{got}")
+    return f"invalid config in {source}:\n  " + "\n  ".join(lines)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (`1e-4`, `true`, `[a, b]`)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. trainer.lr=1e-4")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The validated config from a YAML file (None: the embedded defaults) plus `--set` overrides."""
+    data: dict[str, Any] = {}
+    source = "the embedded defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML, every default spelled out (what a run directory records)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,158 @@
+"""Every prompt the system sends, and the extraction of programs from what comes back.
+
+Three prompts exist: the student's first attempt (chat or plain completion), the teacher's PERsD
+refinement request (task + the student's own wrong code + execution feedback), and the student-side
+refine format (PERsD's `persd_refine` training examples and two-step inference). Training targets are
+rendered here too, so a trained example has exactly the shape the student is later asked to produce.
+
+Chat prompts are message lists; `render` turns them into text with the student's own chat template.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from typing import Any, Protocol
+
+from persd_online.records import PromptFormat
+from persd_online.tasks import Task
+
+Messages = list[dict[str, str]]
+
+ANSWER_RULE = "Answer with the complete code in one ```python code block."
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+class ChatTemplate(Protocol):
+    """What `render` needs of a tokenizer."""
+
+    def apply_chat_template(self, conversation: Messages, **kwargs: Any) -> Any: ...
+
+
+def _code_block(code: str) -> str:
+    return f"```python\n{code.strip()}\n```"
+
+
+def _statement(task: Task) -> str:
+    """The task as the chat student reads it."""
+    if task.header and task.prompt.strip() == task.header.strip():  # HumanEval: the prompt is code
+        return f"Complete the following Python function.\n\n{_code_block(task.prompt)}"
+    return f"{task.prompt.strip()}\n\nWrite the Python function `{task.entry_point}`."
+
+
+def _completion_header(task: Task) -> str:
+    """Docstring + header for a completion prompt (PERsD's plain format)."""
+    if task.header and task.prompt.strip() == task.header.strip():
+        return task.prompt
+    header = task.header or f"def {task.entry_point}(*args):"
+    doc = "\n    ".join(task.prompt.strip().splitlines())
+    return f'{header}\n    """{doc}\n    """\n'
+
+
+def attempt_prompt(task: Task, fmt: PromptFormat) -> Messages | str:
+    """The student's first-attempt prompt: chat messages, or the text a completion continues."""
+    if fmt == "chat":
+        return [{"role": "user", "content": f"{_statement(task)}\n{ANSWER_RULE}"}]
+    return _completion_header(task)
+
+
+def refine_prompt(task: Task, program: str, feedback: str, fmt: PromptFormat) -> Messages | str:
+    """The student-side refine format: the task, its own failing code and the error, asking for a fix."""
+    if fmt == "chat":
+        return [{
+            "role": "user",
+            "content": f"{_statement(task)}\n\nThis attempt fails:\n{_code_block(program)}\n\n"
+            f"Running it gave:\n{feedback.strip()}\n\nWrite a corrected version. {ANSWER_RULE}",
+        }]
+    commented = "\n".join(f"# {line}" for line in program.strip().splitlines())
+    return (f"# Incorrect code:\n{commented}\n# Error: {' '.join(feedback.split())}\n"
+            f"# Corrected code:\n{_completion_header(task)}")
+
+
+def teacher_refinement_messages(task: Task, program: str, feedback: str, reference: str | None) -> Messages:
+    """PERsD's refinement request: correct the student's own attempt, guided by the execution error."""
+    parts = [
+        f"Task:\n{task.prompt.strip()}",
+        f"The student's attempt at `{task.entry_point}`:\n{_code_block(program)}",
+        f"Running it against the tests gave:\n{feedback.strip()}",
+    ]
+    if reference:
+        parts.append(f"A reference solution, for guidance only:\n{_code_block(reference)}")
+    parts.append(
+        "Fix the student's code. Keep the student's approach, names and structure wherever possible and "
+        "change only what is needed to make it correct. " + ANSWER_RULE
+    )
+    return [
+        {"role": "system", "content": "You are an expert Python programmer who corrects students' code."},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
+
+
+def render(prompt: Messages | str, tokenizer: ChatTemplate) -> str:
+    """Prompt text as the model sees it (chat template applied, generation turn opened)."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def target_text(task: Task, program: str, fmt: PromptFormat) -> str:
+    """The training target for `program` in a format (what the student should have generated)."""
+    if fmt == "chat":
+        return _code_block(program)
+    header = _completion_header(task)
+    body = program[len(header):] if program.startswith(header) else _body_after_signature(program, task)
+    return body.rstrip() + "\n"
+
+
+def _body_after_signature(program: str, task: Task) -> str:
+    """The indented body of `entry_point` in `program` (completion targets continue after the header)."""
+    lines = program.splitlines()
+    try:
+        tree = ast.parse(program)
+    except SyntaxError:
+        return program
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == task.entry_point:
+            start = node.body[0].lineno - 1
+            if isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
+                start = node.body[1].lineno - 1 if len(node.body) > 1 else node.body[0].end_lineno
+            return "\n".join(lines[start:node.end_lineno])
+    return program
+
+
+def _cut_at_dedent(completion: str) -> str:
+    """PERsD's cut: keep the body up to the first non-empty line that is not indented."""
+    kept = []
+    for line in completion.splitlines():
+        if line.strip() and not line[:1].isspace():
+            break
+        kept.append(line)
+    return "\n".join(kept).rstrip() + "\n"
+
+
+def _imports_of(header: str | None) -> list[str]:
+    if not header:
+        return []
+    return [ln for ln in header.splitlines() if ln.startswith(("import ", "from "))]
+
+
+def _best_block(blocks: list[str], entry_point: str) -> str | None:
+    defining = [b for b in blocks if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", b, re.M)]
+    return (defining or blocks or [None])[0]
+
+
+def extract_program(task: Task, completion: str, fmt: PromptFormat) -> str:
+    """The program to execute from a generation.
+
+    completion format: the prompt's header plus the body up to the first non-indented line (PERsD).
+    chat format: the fenced block that defines the entry point (else the first block, else the text from
+    the first `def`), with the task header's imports prepended when the answer left them out.
+    """
+    if fmt == "completion":
+        return _completion_header(task) + _cut_at_dedent(completion)
+    code = _best_block(_FENCE.findall(completion), task.entry_point)
+    if code is None:
+        match = re.search(r"^(?:def|class|import|from)\s", completion, re.M)
+        code = completion[match.start():] if match else completion
+    missing = [imp for imp in _imports_of(task.header) if imp not in code]
+    return "\n".join([*missing, code.strip()]) + "\n"
