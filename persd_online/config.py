@@ -100,6 +100,8 @@ class SandboxConfig(_Section):
 
 
 class LoraConfig(_Section):
+    """The LoRA adapter the trainer learns and the student serves."""
+
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -276,6 +278,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_errors(exc, source)) from None
 
 
-def dump_config(config: Config) -> str:
-    """The config as YAML, every default spelled out (what a run directory records)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+def dump_config(config: Config, comments: bool = False) -> str:
+    """The config as YAML, every default spelled out; with `comments`, each key carries its description."""
+    if not comments:
+        return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return "\n".join(_commented(config, indent=0)) + "\n"
+
+
+def _commented(section: BaseModel, indent: int) -> list[str]:
+    lines = []
+    pad = "  " * indent
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        note = f"  # {field.description}" if field.description else ""
+        if isinstance(value, BaseModel):
+            doc = (type(value).__doc__ or "").strip().splitlines()
+            lines.append(f"{pad}{name}:" + (f"  # {doc[0]}" if doc else ""))
+            lines.extend(_commented(value, indent + 1))
+        else:
+            rendered = yaml.safe_dump(value if not isinstance(value, Path) else str(value),
+                                      default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+            lines.append(f"{pad}{name}: {rendered}{note}")
+    return lines
