@@ -1,0 +1,160 @@
+"""Active-learning curriculum: which task the student should attempt next.
+
+Each task has statistics (attempts, passes, the adapter version of its last attempt, teacher verdicts)
+and a state:
+- `active`: attempted when its learning value is among the highest;
+- `retired`: solved `retire_after_passes` times in a row; re-checked with probability `recheck_prob` per
+  pick (to catch forgetting), and back to `active` on a failure;
+- `parked`: the teacher failed to fix it `park_after_teacher_failures` times and never succeeded, so it no
+  longer burns teacher budget.
+
+The `learning_value` policy ranks active tasks by the expected value of one more attempt: the chance the
+student fails times the chance the teacher can fix the failure. Both are posterior means whose prior is the
+whole pool's observed rate (empirical Bayes, prior strength 2), so a never-attempted task scores exactly
+the pool's average, a task the student keeps failing and the teacher has fixed scores above it, and one the
+teacher could not fix scores below it. Tasks attempted by an older adapter than the current one get a small bonus, since a
+re-attempt measures what training changed. The `uniform` policy picks active tasks at random, for
+comparison. Every pick carries its reason, which the loop writes to the events log.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from persd_online.config import CurriculumConfig
+
+TaskState = Literal["active", "retired", "parked"]
+PRIOR_STRENGTH = 2.0
+
+
+@dataclass
+class TaskStats:
+    """What the curriculum knows about one task."""
+
+    attempts: int = 0
+    passes: int = 0
+    consecutive_passes: int = 0
+    last_version: int | None = None
+    teacher_fixes: int = 0
+    teacher_failures: int = 0
+    state: TaskState = "active"
+
+    def value(self, pool_fail: float, pool_fix: float) -> tuple[float, float]:
+        """Posterior means (p_fail, p_fix) with the pool's rates as the prior."""
+        p_fail = (self.attempts - self.passes + PRIOR_STRENGTH * pool_fail) / (self.attempts + PRIOR_STRENGTH)
+        refined = self.teacher_fixes + self.teacher_failures
+        p_fix = (self.teacher_fixes + PRIOR_STRENGTH * pool_fix) / (refined + PRIOR_STRENGTH)
+        return p_fail, p_fix
+
+
+@dataclass(frozen=True)
+class Pick:
+    """A chosen task and why."""
+
+    task_id: str
+    reason: str
+    value: float
+
+
+@dataclass
+class Curriculum:
+    """Task statistics plus a selection policy; `state()`/`from_state()` checkpoint it."""
+
+    config: CurriculumConfig
+    stats: dict[str, TaskStats]
+    rng: random.Random = field(default_factory=random.Random)
+    in_flight: set[str] = field(default_factory=set)
+
+    @classmethod
+    def new(cls, task_ids: list[str], config: CurriculumConfig) -> Curriculum:
+        return cls(config, {t: TaskStats() for t in task_ids}, random.Random(config.seed))
+
+    def _pool_rates(self) -> tuple[float, float]:
+        attempts = sum(s.attempts for s in self.stats.values())
+        fails = attempts - sum(s.passes for s in self.stats.values())
+        fixes = sum(s.teacher_fixes for s in self.stats.values())
+        refined = fixes + sum(s.teacher_failures for s in self.stats.values())
+        return (fails + 1) / (attempts + 2), (fixes + 1) / (refined + 2)
+
+    def _value(self, stats: TaskStats, version: int, pool: tuple[float, float]) -> tuple[float, str]:
+        p_fail, p_fix = stats.value(*pool)
+        if stats.attempts == 0:
+            return p_fail * p_fix, "unseen"
+        value = p_fail * p_fix
+        reason = f"learning value: student fails {p_fail:.2f}, teacher fixes {p_fix:.2f}"
+        if stats.last_version is not None and stats.last_version < version:
+            value *= 1.25
+            reason += f", last tried on v{stats.last_version}"
+        return value, reason
+
+    def next(self, k: int, version: int) -> list[Pick]:
+        """Up to `k` tasks to attempt now (not already in flight), each marked in flight."""
+        free = {t: s for t, s in self.stats.items() if t not in self.in_flight}
+        picks: list[Pick] = []
+        retired = [t for t, s in free.items() if s.state == "retired"]
+        active = [t for t, s in free.items() if s.state == "active"]
+        pool = self._pool_rates()
+        while len(picks) < k and active:
+            if retired and self.rng.random() < self.config.recheck_prob:
+                task = retired.pop(self.rng.randrange(len(retired)))
+                picks.append(Pick(task, "re-check retired task for forgetting", 0.0))
+                continue
+            if self.config.policy == "uniform":
+                task = active.pop(self.rng.randrange(len(active)))
+                picks.append(Pick(task, "uniform", 1.0))
+                continue
+            scored = [(*self._value(free[t], version, pool), self.rng.random(), t) for t in active]
+            value, reason, _, task = max(scored)
+            active.remove(task)
+            picks.append(Pick(task, reason, round(value, 4)))
+        self.in_flight.update(p.task_id for p in picks)
+        return picks
+
+    def record_attempt(self, task_id: str, version: int, passed: bool) -> None:
+        """One scored attempt of a task by adapter `version`."""
+        stats = self.stats[task_id]
+        stats.attempts += 1
+        stats.last_version = version
+        if passed:
+            stats.passes += 1
+            stats.consecutive_passes += 1
+            if stats.consecutive_passes >= self.config.retire_after_passes:
+                stats.state = "retired"
+        else:
+            stats.consecutive_passes = 0
+            if stats.state == "retired":
+                stats.state = "active"
+
+    def record_teacher(self, task_id: str, verified: bool) -> None:
+        """The outcome of refining a failed attempt (after all its rounds)."""
+        stats = self.stats[task_id]
+        if verified:
+            stats.teacher_fixes += 1
+        else:
+            stats.teacher_failures += 1
+            if not stats.teacher_fixes and stats.teacher_failures >= self.config.park_after_teacher_failures:
+                stats.state = "parked"
+
+    def release(self, task_id: str) -> None:
+        """A picked task's work is done (its attempts scored and refined)."""
+        self.in_flight.discard(task_id)
+
+    def counts(self) -> dict[str, int]:
+        states = [s.state for s in self.stats.values()]
+        return {state: states.count(state) for state in ("active", "retired", "parked")}
+
+    def exhausted(self) -> bool:
+        """True when nothing is left to learn from: no active task remains."""
+        return not any(s.state == "active" for s in self.stats.values())
+
+    def state(self) -> dict[str, Any]:
+        return {"stats": {t: asdict(s) for t, s in self.stats.items()}, "rng": self.rng.getstate()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], config: CurriculumConfig) -> Curriculum:
+        rng = random.Random()
+        version, internal, gauss = state["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        return cls(config, {t: TaskStats(**s) for t, s in state["stats"].items()}, rng)
