@@ -12,8 +12,8 @@ The `learning_value` policy ranks active tasks by the expected value of one more
 student fails times the chance the teacher can fix the failure. Both are posterior means whose prior is the
 whole pool's observed rate (empirical Bayes, prior strength 2), so a never-attempted task scores exactly
 the pool's average, a task the student keeps failing and the teacher has fixed scores above it, and one the
-teacher could not fix scores below it. Tasks attempted by an older adapter than the current one get a small bonus, since a
-re-attempt measures what training changed. The `uniform` policy picks active tasks at random, for
+teacher could not fix scores below it. Tasks attempted by an older adapter than the current one get a
+small bonus, since a re-attempt measures what training changed. The `uniform` policy picks active tasks at random, for
 comparison. Every pick carries its reason, which the loop writes to the events log.
 """
 
