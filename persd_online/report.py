@@ -1,0 +1,81 @@
+"""Plots and a markdown summary from a run directory (reads only the run-directory contract).
+
+- `learning_curve.png`: held-out pass@1 against teacher calls and against wall time, one line per task set
+  (from the `eval` events);
+- `stage_utilisation.png`: each stage's busy fraction over time (from `metrics.jsonl`);
+- `summary.md`: the figures of `summary.json` as a table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from persd_online.run_dir import read_jsonl  # noqa: E402
+
+
+def _learning_curve(evals: list[dict[str, Any]], out: Path) -> None:
+    fig, (by_calls, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in evals:
+        series[e["task_set"]].append(e)
+    for task_set, points in sorted(series.items()):
+        points.sort(key=lambda e: e["wall_s"])
+        pass1 = [e["pass1"] for e in points]
+        by_calls.plot([e["teacher_calls"] for e in points], pass1, marker="o", label=task_set)
+        by_time.plot([e["wall_s"] / 60 for e in points], pass1, marker="o", label=task_set)
+        for e in points:
+            by_time.annotate(f"v{e['adapter_version']}", (e["wall_s"] / 60, e["pass1"]), fontsize=7)
+    by_calls.set(xlabel="teacher calls", ylabel="held-out pass@1", title="pass@1 vs teacher calls")
+    by_time.set(xlabel="wall time (min)", title="pass@1 vs wall time")
+    by_calls.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _utilisation(snapshots: list[dict[str, Any]], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    stages = sorted({k for s in snapshots for k in s if k.startswith("busy/")})
+    for key in stages:
+        points = [(s["wall_s"] / 60, s[key]) for s in snapshots if key in s]
+        ax.plot(*zip(*points, strict=True), label=key.removeprefix("busy/"))
+    ax.set(xlabel="wall time (min)", ylabel="busy fraction", title="stage utilisation")
+    if stages:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _summary_markdown(summary: dict[str, Any]) -> str:
+    rows = [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in summary.items()]
+    return "# Run summary\n\n| figure | value |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def build_report(run_root: str | Path) -> list[Path]:
+    """Write the report of a run into `<run>/report/`; returns the files written."""
+    root = Path(run_root)
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    written = []
+    events = list(read_jsonl(root / "events.jsonl")) if (root / "events.jsonl").exists() else []
+    evals = [e for e in events if e.get("kind") == "eval"]
+    if evals:
+        _learning_curve(evals, out / "learning_curve.png")
+        written.append(out / "learning_curve.png")
+    if (root / "metrics.jsonl").exists():
+        _utilisation(list(read_jsonl(root / "metrics.jsonl")), out / "stage_utilisation.png")
+        written.append(out / "stage_utilisation.png")
+    if (root / "summary.json").exists():
+        summary = json.loads((root / "summary.json").read_text())
+        (out / "summary.md").write_text(_summary_markdown(summary))
+        written.append(out / "summary.md")
+    return written
