@@ -1,0 +1,47 @@
+"""Bounded staleness: how far behind the trainer an attempt may be and still become training data.
+
+The rule. Let `v` be the trainer's newest published adapter version and `u` the version that generated an
+attempt. An example derived from that attempt may be trained only while `v - u <= max_staleness`; older
+ones are dropped at the trainer and counted (`is_stale`).
+
+Admission keeps drops rare instead of merely counting them: the driver starts new generation only while
+(1) the student serves a version `u >= v - max_staleness` (else everything it makes is stale on arrival),
+and (2) the attempts in flight (generated but not yet trained or discarded) fit in what the trainer
+consumes before it moves `max_staleness + 1` versions on: `(max_staleness + 1) * examples_per_version`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def is_stale(attempt_version: int | None, trainer_version: int, max_staleness: int) -> bool:
+    """True if an example from an attempt of `attempt_version` is too old to train (None: offline data)."""
+    return attempt_version is not None and trainer_version - attempt_version > max_staleness
+
+
+@dataclass
+class StalenessGate:
+    """Admission control for new attempts (see the module docstring)."""
+
+    max_staleness: int
+    examples_per_version: int
+    in_flight: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return (self.max_staleness + 1) * self.examples_per_version
+
+    def admit(self, wanted: int, student_version: int, trainer_version: int) -> int:
+        """How many of `wanted` new attempts may start now; the caller must `finish` each one later."""
+        if trainer_version - student_version > self.max_staleness:
+            return 0
+        granted = max(0, min(wanted, self.capacity - self.in_flight))
+        self.in_flight += granted
+        return granted
+
+    def finish(self, count: int = 1) -> None:
+        """`count` admitted attempts left the pipeline (trained, dropped, or passed without a label)."""
+        if count > self.in_flight:
+            raise ValueError(f"finishing {count} attempts but only {self.in_flight} are in flight")
+        self.in_flight -= count

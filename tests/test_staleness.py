@@ -1,0 +1,31 @@
+"""The staleness rule and the admission gate."""
+
+import pytest
+
+from persd_online.staleness import StalenessGate, is_stale
+
+
+def test_is_stale_rule():
+    assert not is_stale(3, trainer_version=4, max_staleness=1)
+    assert is_stale(2, trainer_version=4, max_staleness=1)
+    assert not is_stale(4, trainer_version=4, max_staleness=0)
+    assert is_stale(3, trainer_version=4, max_staleness=0)
+    assert not is_stale(None, trainer_version=99, max_staleness=0)  # offline data never goes stale
+
+
+def test_gate_bounds_in_flight_attempts():
+    gate = StalenessGate(max_staleness=1, examples_per_version=8)
+    assert gate.capacity == 16
+    assert gate.admit(10, student_version=0, trainer_version=0) == 10
+    assert gate.admit(10, student_version=0, trainer_version=0) == 6
+    assert gate.admit(1, student_version=0, trainer_version=0) == 0
+    gate.finish(4)
+    assert gate.admit(10, student_version=1, trainer_version=1) == 4
+
+
+def test_gate_refuses_a_student_too_far_behind():
+    gate = StalenessGate(max_staleness=1, examples_per_version=8)
+    assert gate.admit(4, student_version=1, trainer_version=3) == 0
+    assert gate.admit(4, student_version=2, trainer_version=3) == 4
+    with pytest.raises(ValueError, match="only 4 are in flight"):
+        gate.finish(5)
