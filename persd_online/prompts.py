@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+import textwrap
 from typing import Any, Protocol
 
 from persd_online.records import PromptFormat
@@ -20,7 +21,7 @@ from persd_online.tasks import Task
 Messages = list[dict[str, str]]
 
 ANSWER_RULE = "Answer with the complete code in one ```python code block."
-_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 class ChatTemplate(Protocol):
@@ -73,7 +74,7 @@ def teacher_refinement_messages(task: Task, program: str, feedback: str, referen
     """PERsD's refinement request: correct the student's own attempt, guided by the execution error."""
     parts = [
         f"Task:\n{task.prompt.strip()}",
-        f"The student's attempt at `{task.entry_point}`:\n{_code_block(program)}",
+        f"The code to correct (an attempt at `{task.entry_point}`):\n{_code_block(program)}",
         f"Running it against the tests gave:\n{feedback.strip()}",
     ]
     if reference:
@@ -100,24 +101,33 @@ def target_text(task: Task, program: str, fmt: PromptFormat) -> str:
     if fmt == "chat":
         return _code_block(program)
     header = _completion_header(task)
-    body = program[len(header):] if program.startswith(header) else _body_after_signature(program, task)
+    body = program[len(header):] if program.startswith(header) else _completion_body(program, task)
     return body.rstrip() + "\n"
 
 
-def _body_after_signature(program: str, task: Task) -> str:
-    """The indented body of `entry_point` in `program` (completion targets continue after the header)."""
-    lines = program.splitlines()
+def _completion_body(program: str, task: Task) -> str:
+    """`program` as a continuation of the task's header: the entry point's body, with the program's other
+    top-level code (imports, helpers) moved to the start of that body, so the reassembled function behaves
+    as the program that was verified (the completion format can only continue one function)."""
+    # Leading tabs (common in MBPP) would clash with the header's space-indented docstring.
+    program = "\n".join(re.sub(r"^\t+", lambda m: "    " * len(m.group()), ln) for ln in program.splitlines())
     try:
         tree = ast.parse(program)
     except SyntaxError:
         return program
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == task.entry_point:
-            start = node.body[0].lineno - 1
-            if isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
-                start = node.body[1].lineno - 1 if len(node.body) > 1 else node.body[0].end_lineno
-            return "\n".join(lines[start:node.end_lineno])
-    return program
+    entry = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == task.entry_point), None)
+    if entry is None:
+        return program
+    lines = program.splitlines()
+    given = set(_imports_of(task.header))
+    preamble = [ast.get_source_segment(program, n, padded=True) or "" for n in tree.body
+                if n is not entry and ast.get_source_segment(program, n) not in given]
+    body = entry.body
+    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the header already carries the docstring
+    own = textwrap.dedent("\n".join(lines[body[0].lineno - 1:entry.end_lineno]))
+    # Re-indent at four spaces: MBPP bodies use one or two, which clash with the header's docstring.
+    return textwrap.indent("\n".join([*preamble, own]), "    ")
 
 
 def _cut_at_dedent(completion: str) -> str:
