@@ -1,0 +1,108 @@
+"""The job process's side: load the program, then answer the judge's requests with plain data.
+
+Nothing here is trusted. The program can rewrite any of it, write anything to the channel, or exit at any
+time; the judge only ever believes plain values it decodes itself, and decides every verdict on its side.
+Requests (judge → job, pickled by the trusted judge)::
+
+    ("load", program, names)           → ("started",), then ("ready", {name: description})
+                                         or ("load_error", type, message)
+    ("call", handle, args, kwargs)     → description | ("raise", type, message, is_builtin)
+    ("getattr", handle, name)          → description | ("raise", ...)
+    ("setattr", handle, name, value)   → ("value", None) | ("raise", ...)
+
+A description is ``("value", plain)`` or ``("ref", handle, type_name)``; handles index the job's object table,
+so objects the program defines (an MBPP ``Pair``, a tree ``Node``) stay in the job and are only ever named.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import pickle
+import socket
+import sys
+from typing import NoReturn
+
+from sandbox import wire
+
+_MESSAGE_CHARS = 1000
+PROGRAM_MODULE_NAME = "__candidate__"  # not "__main__", so `if __name__ == "__main__":` blocks stay inert
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, table: list[object]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._table = table
+
+    def persistent_load(self, pid: object) -> object:
+        return self._table[pid]  # type: ignore[index]
+
+
+def serve(channel: socket.socket) -> NoReturn:
+    """Run the job: load the program, then answer requests until the judge hangs up. Never returns."""
+    table: list[object] = []
+    try:
+        _serve(channel, table)
+    finally:
+        os._exit(0)
+
+
+def _serve(channel: socket.socket, table: list[object]) -> None:
+    request = wire.recv_blocking(channel)
+    if request is None:
+        return
+    _, program, names = pickle.loads(request)
+    wire.send_blocking(channel, wire.dump_plain(("started",)))
+    namespace: dict[str, object] = {"__name__": PROGRAM_MODULE_NAME, "__builtins__": builtins}
+    try:
+        exec(compile(program, "<program>", "exec"), namespace)  # noqa: S102 - this is the sandboxed process
+    except BaseException as exc:  # noqa: BLE001 - every failure of the program is reported, SystemExit included
+        _flush_stdio()
+        wire.send_blocking(channel, wire.dump_plain(("load_error", *_describe_exception(exc)[:2])))
+        return
+    _flush_stdio()
+    found = {name: _describe(namespace[name], table) for name in names if name in namespace}
+    wire.send_blocking(channel, wire.dump_plain(("ready", found)))
+    while (request := wire.recv_blocking(channel)) is not None:
+        op, handle, *rest = _Unpickler(request, table).load()
+        target = table[handle]
+        try:
+            if op == "call":
+                reply = _describe(target(*rest[0], **rest[1]), table)  # type: ignore[operator]
+            elif op == "getattr":
+                reply = _describe(getattr(target, rest[0]), table)
+            else:
+                setattr(target, rest[0], rest[1])
+                reply = ("value", None)
+        except BaseException as exc:  # noqa: BLE001
+            reply = ("raise", *_describe_exception(exc))
+        _flush_stdio()
+        wire.send_blocking(channel, wire.dump_plain(reply))
+
+
+def _describe(value: object, table: list[object]) -> tuple[object, ...]:
+    try:
+        return ("value", wire.to_plain(value))
+    except (TypeError, ValueError, RecursionError):
+        table.append(value)
+        return ("ref", len(table) - 1, type(value).__name__[:100])
+
+
+def _describe_exception(exc: BaseException) -> tuple[str, str, bool]:
+    kind = type(exc)
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a program's exception may fail to render
+        message = ""
+    if isinstance(exc, SyntaxError) and exc.lineno is not None:
+        message = f"{exc.msg} (line {exc.lineno})"
+    return kind.__name__[:100], message[:_MESSAGE_CHARS], getattr(builtins, kind.__name__, None) is kind
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001, S110 - the program may have replaced or closed its streams
+            pass
