@@ -1,0 +1,313 @@
+"""Isolation steps, applied once per worker (in the zygote) and once per job (in the forked job process).
+
+Worker level, before any program exists, so that its cost is paid once:
+    pids cgroup (created by the worker, joined by the zygote) → user namespace (non-root only) → mount, PID,
+    network, IPC and UTS namespaces → whole filesystem read-only and private, fresh ``/proc`` → capability
+    bounding set emptied, securebits locked, ``no_new_privs``, non-dumpable, child subreaper.
+Job level, in each forked child before the program loads:
+    new session → private tmpfs working directory (a fresh mount namespace of its own) → stdin ``/dev/null``,
+    stdout/stderr to size-limited memory files, every other descriptor closed → rlimits → all capabilities
+    cleared.
+
+Every step either takes effect or is recorded in the :class:`IsolationReport` with the reason the kernel
+gave; the worker logs a warning for each missing one. Invariants: a refused step never enables a more
+dangerous fallback (``kill(-1)`` is only used as PID 1 of our own namespace), and the job process never
+holds a capability or an inherited descriptor other than its channel and stdio.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandbox import linux
+from sandbox.job import Limits
+
+ACTIVE = "active"
+# Host places that hold other users' data, sockets or shared memory; covered by an empty tmpfs in the worker.
+MASKED_DIRS = ("/var/tmp", "/run", "/var/run", "/dev/shm", "/home", "/root", "/srv", "/mnt", "/media")
+SCRATCH = "/tmp"  # a private tmpfs per worker, wiped after every job
+WORKDIR = "/tmp/work"  # each job's fresh working directory
+MASKED_FILES = ("/etc/shadow", "/etc/gshadow")
+_NAMESPACE_FLAGS = {
+    "mount_namespace": linux.CLONE_NEWNS,
+    "pid_namespace": linux.CLONE_NEWPID,
+    "network_namespace": linux.CLONE_NEWNET,
+    "ipc_uts_namespaces": linux.CLONE_NEWIPC | linux.CLONE_NEWUTS,
+}
+_WARNINGS = {
+    "cgroup_pids": "no pids cgroup: a fork bomb is bounded only by RLIMIT_NPROC, which root ignores",
+    "pid_namespace": "no PID namespace: programs can see and signal processes of the same user",
+    "network_namespace": "no network namespace: programs can open network connections",
+    "mount_namespace": "no mount namespace: programs can write wherever the worker's user can",
+    "readonly_root": "filesystem not read-only: programs can write wherever the worker's user can",
+    "private_proc": "host /proc visible: programs can list host processes",
+    "capabilities": "capabilities not dropped",
+}
+
+
+@dataclass(frozen=True)
+class IsolationConfig:
+    """Which worker-level layers to attempt; each still falls back, with a warning, if the kernel refuses."""
+
+    namespaces: bool = True
+    cgroup: bool = True
+
+
+@dataclass
+class IsolationReport:
+    """Layer name → ``"active"`` or why it is not."""
+
+    layers: dict[str, str] = field(default_factory=dict)
+
+    def active(self, layer: str) -> bool:
+        return self.layers.get(layer) == ACTIVE
+
+    def warnings(self) -> list[str]:
+        return [f"{msg} ({self.layers[name]})" for name, msg in _WARNINGS.items()
+                if name in self.layers and not self.active(name)]
+
+
+class PidsCgroup:
+    """A cgroup-v1 ``pids`` group for one worker, capping the processes its jobs can create."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, name: str, max_pids: int) -> PidsCgroup:
+        """Create ``name`` under this process's own pids cgroup. Raises ``OSError`` if unavailable."""
+        root = Path("/sys/fs/cgroup/pids")
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        own = next((line.split(":", 2)[2].strip() for line in lines if line.split(":")[1] == "pids"), None)
+        if own is None or not (root / "cgroup.procs").exists():
+            raise OSError(errno.ENOENT, "no cgroup-v1 pids hierarchy")
+        path = root / own.lstrip("/") / name
+        path.mkdir(parents=True)
+        (path / "pids.max").write_text(str(max_pids))
+        return cls(path)
+
+    @property
+    def procs_file(self) -> str:
+        return str(self.path / "cgroup.procs")
+
+    def current(self) -> int:
+        return int((self.path / "pids.current").read_text())
+
+    def remove(self) -> None:
+        """Remove the group; it must be empty (the worker kills its zygote first)."""
+        try:
+            self.path.rmdir()
+        except FileNotFoundError:
+            pass
+
+
+def join_cgroup(procs_file: str) -> None:
+    """Move the calling process (and so every process it will create) into a cgroup."""
+    with open(procs_file, "w") as f:
+        f.write(str(os.getpid()))
+
+
+def enter_worker_namespaces(report: IsolationReport) -> None:
+    """Unshare every namespace the kernel allows; if a PID namespace was made, continue as its PID 1.
+
+    Root needs no user namespace; anyone else gets one mapping their uid to root inside it, which is what lets
+    them create the others. On success the calling process forks: the child returns here as PID 1 (killed
+    by the kernel if its parent dies), the parent waits for it and exits with its status.
+    """
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    needs_user_ns = os.geteuid() != 0
+    wanted = 0
+    for layer, flags in _NAMESPACE_FLAGS.items():
+        try:
+            linux.unshare(flags | (linux.CLONE_NEWUSER if needs_user_ns and not wanted else 0))
+        except OSError as exc:
+            report.layers[layer] = f"refused: {exc.strerror}"
+            continue
+        if needs_user_ns and not wanted:
+            _write_id_maps(outer_uid, outer_gid)
+            report.layers["user_namespace"] = ACTIVE
+        wanted |= flags
+        report.layers[layer] = ACTIVE
+    report.layers.setdefault("user_namespace", "not needed (root)" if not needs_user_ns else "refused")
+    if wanted & linux.CLONE_NEWUTS:
+        linux.sethostname("sandbox")
+    if wanted & linux.CLONE_NEWPID:
+        _continue_as_pid1()
+
+
+def _write_id_maps(uid: int, gid: int) -> None:
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+
+
+def _continue_as_pid1() -> None:
+    pid = os.fork()
+    if pid:
+        os.closerange(3, _max_fd())  # only PID 1 may hold the worker's control socket
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    linux.set_parent_death_signal(signal.SIGKILL)
+
+
+def isolate_filesystem(report: IsolationReport, keep: list[str], scratch_mb: int) -> None:
+    """Hide host scratch and home directories, make every mount read-only and private, mount a fresh /proc
+    and a private writable tmpfs of ``scratch_mb`` MiB at /tmp.
+
+    ``keep`` lists paths the zygote must still see (the Python installation, the sandbox package): masked
+    directories that contain one get it bound back in, read-only.
+    """
+    if not report.active("mount_namespace"):
+        for layer in ("masked_paths", "readonly_root", "private_proc", "private_tmp"):
+            report.layers[layer] = "no mount namespace"
+        return
+    try:
+        for path in MASKED_DIRS:
+            _mask_directory(path, [k for k in keep if k.startswith(path + "/")])
+        for path in MASKED_FILES:
+            if os.path.isfile(path):
+                linux.mount("/dev/null", path, None, linux.MS_BIND)
+        report.layers["masked_paths"] = ACTIVE
+    except OSError as exc:
+        report.layers["masked_paths"] = f"refused: {exc.strerror}"
+    try:
+        linux.make_tree_readonly_private("/")
+        report.layers["readonly_root"] = ACTIVE
+    except OSError as exc:
+        report.layers["readonly_root"] = f"refused: {exc.strerror}"
+    try:
+        linux.mount("tmpfs", SCRATCH, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                    f"size={scratch_mb}m,nr_inodes=4096,mode=0755")
+        report.layers["private_tmp"] = ACTIVE
+    except OSError as exc:
+        report.layers["private_tmp"] = f"refused: {exc.strerror}"
+    if not report.active("pid_namespace"):
+        report.layers["private_proc"] = "no PID namespace"
+        return
+    try:
+        flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+        linux.mount("proc", "/proc", "proc", flags)
+        report.layers["private_proc"] = ACTIVE
+    except OSError as exc:
+        report.layers["private_proc"] = f"refused: {exc.strerror}"
+
+
+def _mask_directory(path: str, keep: list[str]) -> None:
+    """Cover ``path`` with an empty tmpfs, then bind the ``keep`` paths under it back into place."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return
+    kept = [(k, os.open(k, os.O_PATH)) for k in _topmost(keep)]
+    try:
+        linux.mount("tmpfs", path, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=64k,mode=0755")
+        for target, fd in kept:
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.makedirs(target, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                open(target, "a").close()
+            linux.mount(f"/proc/self/fd/{fd}", target, None, linux.MS_BIND | linux.MS_REC)
+    finally:
+        for _, fd in kept:
+            os.close(fd)
+
+
+def _topmost(paths: list[str]) -> list[str]:
+    """The paths that are not inside another of them."""
+    ordered = sorted(set(paths))
+    return [p for i, p in enumerate(ordered) if not any(p.startswith(q + "/") for q in ordered[:i])]
+
+
+def lock_down_zygote(report: IsolationReport) -> None:
+    """Privilege and signal hardening of the zygote itself; jobs inherit all of it."""
+    linux.set_child_subreaper()
+    linux.set_non_dumpable()
+    linux.set_no_new_privs()
+    report.layers["no_new_privs"] = ACTIVE
+    try:
+        linux.drop_bounding_capabilities()
+        report.layers["capabilities"] = ACTIVE
+    except OSError as exc:
+        report.layers["capabilities"] = ACTIVE if os.geteuid() != 0 else f"refused: {exc.strerror}"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # PID 1 only receives signals it has handlers for
+    report.layers["process_cleanup"] = ("kill every process of the PID namespace" if os.getpid() == 1
+                                        else "process group + subreaper")
+
+
+def enter_job_sandbox(limits: Limits, fds: tuple[int, int, int, int], workdir: str,
+                      job_user: tuple[int, int] | None, nproc_limit: int | None, new_session: bool) -> None:
+    """In a freshly forked job process: apply the per-job steps. ``fds`` is (stdin, stdout, stderr, channel).
+
+    With ``job_user`` (uid, gid) the process switches to that unprivileged user, which also makes the kernel
+    clear every capability; otherwise capabilities are cleared explicitly. ``new_session`` is needed only when
+    the job is not alone in a PID namespace, for killing by process group.
+    """
+    if new_session:
+        os.setsid()
+    os.chdir(workdir)
+    if min(fds) < 3:
+        raise OSError(errno.EBADF, "job descriptors must not overlap stdio")
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    os.closerange(len(fds), _max_fd())
+    mib = 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mib,) * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files,) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_mb * mib,) * 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if nproc_limit is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc_limit,) * 2)
+    if job_user is not None:
+        uid, gid = job_user
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    else:
+        linux.drop_all_capabilities()
+
+
+def job_user_for(worker_pid: int) -> tuple[int, int]:
+    """A uid/gid used by no one else while this worker lives: RLIMIT_NPROC then counts only its jobs."""
+    return 1_000_000_000 + worker_pid, 1_000_000_000 + worker_pid
+
+
+def wipe_scratch(path: str, workdir: str) -> None:
+    """Delete everything a job left under ``path`` (never following symlinks); fast when it left nothing."""
+    try:
+        os.rmdir(workdir)
+    except OSError:
+        pass
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def count_user_processes(uid: int) -> int:
+    """Processes (threads included, as RLIMIT_NPROC counts them) currently owned by ``uid``."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields.get("Uid", "-1").split()[0]) == uid:
+            count += int(fields.get("Threads", "1"))
+    return count
+
+
+def _max_fd() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]

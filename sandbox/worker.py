@@ -1,0 +1,319 @@
+"""A sandbox worker: a trusted judge process that owns one zygote and runs jobs one at a time.
+
+Pool ↔ worker messages (pickled, over a ``multiprocessing`` connection on a socketpair)::
+
+    pool → worker   ("jobs", [(index, attempts, Job), ...]) | ("stop",)
+    worker → pool   ("hello", {layer: state}) | ("result", index, Result) | ("log", level, message)
+
+Per job the worker gives the zygote a fresh channel and two memory files for stdout/stderr, talks to the
+forked job process through a :class:`~sandbox.remote.Session` while the tests run here, then has the zygote
+kill and reap everything the job created. A harness failure (zygote died, job process never came up) restarts
+the zygote and retries the job once; a second failure is reported as ``sandbox_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import marshal
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from sandbox import wire
+from sandbox.checks import CheckRun, CompiledSuite, InvalidTests, compile_suite, run_checks, verdict
+from sandbox.errors import SandboxFailure
+from sandbox.feedback import render_error
+from sandbox.isolation import IsolationConfig, PidsCgroup
+from sandbox.job import Job, Limits
+from sandbox.remote import CandidateRaised, JobEnded, Session
+from sandbox.result import Result, Status, TestOutcome
+from sandbox.zygote import ZygoteSpec
+
+logger = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+_ZYGOTE_START_SECONDS = 60.0
+_ZYGOTE_REAP_SECONDS = 10.0
+# The zygote and its jobs see only this environment: nothing of the worker's leaks into programs.
+SCRUBBED_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp",
+    "TMPDIR": "/tmp", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+}
+
+
+def boot_command(module: str, *args: str, isolated: bool = False) -> list[str]:
+    """``python -c`` running ``module.main()`` from this very copy of the sandbox package."""
+    boot = f"import sys; sys.path.insert(0, sys.argv.pop(1)); from {module} import main; main()"
+    flags = ["-I"] if isolated else []
+    return [sys.executable, *flags, "-c", boot, str(Path(__file__).resolve().parents[1]), *args]
+
+
+@dataclass(frozen=True)
+class JobExit:
+    """How the job process ended, as reported by the zygote."""
+
+    wait_status: int
+    max_rss_kb: int
+    cpu_s: float
+
+
+class ZygoteHandle:
+    """The worker's side of its zygote: start, run a job, end it, stop."""
+
+    def __init__(self, limits: Limits, config: IsolationConfig, name: str, scratch_dir: str) -> None:
+        self._limits, self._config, self._name, self._scratch = limits, config, name, scratch_dir
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._cgroup: PidsCgroup | None = None
+        self._starts = 0
+        self._seq = 0
+
+    def start(self) -> dict[str, str]:
+        """Start a zygote and return its isolation report. Raises ``SandboxFailure``."""
+        self._starts += 1
+        state = "disabled by configuration"
+        if self._config.cgroup:
+            try:
+                self._cgroup = PidsCgroup.create(f"persd-sandbox-{self._name}-{self._starts}",
+                                                 self._limits.max_processes + 2)
+                state = "active"
+            except OSError as exc:
+                state = f"unavailable: {exc.strerror or exc}"
+        control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        procs = self._cgroup.procs_file if self._cgroup else None
+        spec = ZygoteSpec(theirs.fileno(), self._limits, self._config.namespaces, procs, state, self._scratch,
+                          os.getuid(), os.getpid())
+        with theirs:
+            self._proc = subprocess.Popen(
+                boot_command("sandbox.zygote", spec.to_json(), isolated=True), pass_fds=(theirs.fileno(),),
+                env=SCRUBBED_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd="/")
+        self._control = control
+        hello = self._receive(time.monotonic() + _ZYGOTE_START_SECONDS)
+        if hello[0] != "hello" or type(hello[1]) is not dict:
+            raise SandboxFailure(f"zygote said {hello[0]!r} instead of hello")
+        return hello[1]
+
+    def start_job(self, fds: list[int]) -> int:
+        self._seq += 1
+        try:
+            socket.send_fds(self._control, [marshal.dumps(("run", self._seq))], fds)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise SandboxFailure(f"zygote unreachable: {exc}") from None
+        return self._seq
+
+    def finish(self, seq: int) -> JobExit:
+        """End job ``seq`` (if it has not ended) and wait until everything it created is reaped."""
+        try:
+            self._control.send(marshal.dumps(("kill", seq)))  # type: ignore[union-attr]
+        except OSError:
+            pass
+        deadline = time.monotonic() + _ZYGOTE_REAP_SECONDS
+        while True:
+            message = self._receive(deadline)
+            if message[0] == "done" and len(message) == 5 and message[1] == seq:
+                _, _, status, rss, cpu = message
+                if type(status) is int and type(rss) is int and type(cpu) is float:
+                    return JobExit(status, rss, cpu)
+                raise SandboxFailure("malformed done message")
+
+    def stop(self) -> None:
+        """Stop the zygote (closing its control socket ends it), then remove its cgroup."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()  # its PID 1 child dies with it (parent-death signal)
+                self._proc.wait(timeout=5)
+            self._proc = None
+        if self._cgroup is not None:
+            for _ in range(50):
+                try:
+                    self._cgroup.remove()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            self._cgroup = None
+
+    def pids_in_use(self) -> int | None:
+        """Processes in this zygote's cgroup (zygote included), if it has one."""
+        return self._cgroup.current() if self._cgroup else None
+
+    def _receive(self, deadline: float) -> tuple[Any, ...]:
+        assert self._control is not None
+        poller = select.poll()
+        poller.register(self._control, select.POLLIN)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(remaining * 1000):
+            raise SandboxFailure("zygote did not answer in time")
+        data = self._control.recv(65536)
+        if not data:
+            raise SandboxFailure("zygote exited")
+        message = wire.load_plain(data)
+        if type(message) is not tuple or not message:
+            raise SandboxFailure("malformed zygote message")
+        return message
+
+
+class Judge:
+    """Runs jobs in sandboxed processes and decides their verdicts."""
+
+    def __init__(self, limits: Limits, config: IsolationConfig, name: str) -> None:
+        self._limits = limits
+        self._scratch = tempfile.mkdtemp(prefix="persd-sandbox-")
+        self._zygote = ZygoteHandle(limits, config, name, self._scratch)
+
+    def start(self) -> dict[str, str]:
+        return self._zygote.start()
+
+    def stop(self) -> None:
+        self._zygote.stop()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def pids_in_use(self) -> int | None:
+        return self._zygote.pids_in_use()
+
+    def execute(self, job: Job, attempts: int) -> Result:
+        """Run one job; harness failures are retried while ``attempts`` last, then reported."""
+        start = time.monotonic()
+        try:
+            suite = compile_suite(job.suite)
+        except InvalidTests as exc:
+            return Result(Status.SANDBOX_ERROR, render_error("InvalidTests", str(exc)), (), 0.0)
+        failure = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._attempt(job.program, suite, attempt)
+            except SandboxFailure as exc:
+                failure = str(exc)
+                logger.warning("sandbox failure (attempt %d of %d): %s; restarting the zygote",
+                               attempt, attempts, failure)
+                self._zygote.stop()
+                try:
+                    self._zygote.start()
+                except SandboxFailure as restart:
+                    failure = f"{failure}; restart failed: {restart}"
+        return Result(Status.SANDBOX_ERROR, render_error("SandboxError", failure), _not_run(suite),
+                      time.monotonic() - start, attempts=attempts)
+
+    def _attempt(self, program: str, suite: CompiledSuite, attempt: int) -> Result:
+        start = time.monotonic()
+        ours, theirs = socket.socketpair()
+        out = os.memfd_create("stdout", os.MFD_CLOEXEC)
+        err = os.memfd_create("stderr", os.MFD_CLOEXEC)
+        try:
+            with theirs:
+                seq = self._zygote.start_job([theirs.fileno(), out, err])
+            session = Session(wire.DeadlineChannel(ours, MAX_FRAME_BYTES), start + self._limits.timeout)
+            try:
+                stage = self._load_and_check(program, suite, session)
+            except SandboxFailure as exc:
+                raise SandboxFailure(f"{exc}; job stderr: {_tail(err, 500)!r}") from None
+            finally:
+                exit_info = self._zygote.finish(seq)
+            ended = self._ending(session.ended, exit_info) if session.ended is not None else None
+            if isinstance(stage, CheckRun):
+                status, feedback, tests = verdict(suite, stage, ended)
+            else:
+                status, feedback = stage or ended  # type: ignore[misc]
+                tests = _not_run(suite)
+            chars = self._limits.output_tail_chars
+            return Result(status, feedback, tests, time.monotonic() - start, exit_info.max_rss_kb / 1024,
+                          _tail(out, chars), _tail(err, chars), attempt)
+        finally:
+            ours.close()
+            os.close(out)
+            os.close(err)
+
+    @staticmethod
+    def _load_and_check(program: str, suite: CompiledSuite,
+                        session: Session) -> CheckRun | tuple[Status, str] | None:
+        """Load the program and run the tests: (status, feedback) if loading failed, None if the job ended."""
+        try:
+            stand_ins = session.load(program, suite.program_names)
+        except CandidateRaised as exc:
+            return (Status.MEMORY if exc.type_name == "MemoryError" else Status.ERROR,
+                    render_error(exc.type_name, exc.message))
+        except JobEnded:
+            return None
+        if suite.entry_point not in stand_ins:
+            return Status.ERROR, render_error("NameError", f"name {suite.entry_point!r} is not defined")
+        return run_checks(suite, session, stand_ins)
+
+    def _ending(self, ended: JobEnded, exit_info: JobExit) -> tuple[Status, str]:
+        """Status and feedback for a job that stopped answering."""
+        limit = self._limits.timeout
+        if ended.kind == "timeout":
+            return Status.TIMEOUT, render_error("TimeoutError", f"exceeded the {limit:g} s time limit")
+        if ended.kind == "protocol":
+            return Status.CRASHED, render_error("ProcessError", f"the program corrupted its result channel "
+                                                                f"({ended.detail})")
+        if os.WIFSIGNALED(exit_info.wait_status):
+            signum = os.WTERMSIG(exit_info.wait_status)
+            if signum == signal.SIGXCPU or (signum == signal.SIGKILL
+                                            and exit_info.cpu_s >= self._limits.cpu_seconds - 0.5):
+                return Status.TIMEOUT, render_error("TimeoutError", "exceeded the CPU-time limit")
+            return Status.CRASHED, render_error("ProcessError", f"killed by {signal.Signals(signum).name}")
+        code = os.waitstatus_to_exitcode(exit_info.wait_status)
+        return Status.CRASHED, render_error("ProcessError", f"exited with code {code} before the tests ended")
+
+
+def _not_run(suite: CompiledSuite) -> tuple[TestOutcome, ...]:
+    return tuple(TestOutcome(t, Status.NOT_RUN)
+                 for t, is_test in zip(suite.tests, suite.is_test, strict=True) if is_test)
+
+
+def _tail(fd: int, chars: int) -> str:
+    """The last ``chars`` characters written to a memory file (undecodable bytes replaced)."""
+    if chars <= 0:
+        return ""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, chars * 4, max(0, size - chars * 4))
+    return data.decode("utf-8", "replace")[-chars:]
+
+
+class _ForwardToPool(logging.Handler):
+    def __init__(self, conn: Connection) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._conn.send(("log", record.levelno, record.getMessage()))
+        except OSError:
+            pass
+
+
+def main() -> None:
+    """Entry point of a worker process: ``python -c <boot> <fd> <name>``; the first message is its config."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when workers stop
+    conn = Connection(int(sys.argv[1]))
+    logging.getLogger("sandbox").addHandler(_ForwardToPool(conn))
+    logging.getLogger("sandbox").setLevel(logging.INFO)
+    limits, config = conn.recv()
+    judge = Judge(limits, config, sys.argv[2])
+    try:
+        conn.send(("hello", judge.start()))
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                return
+            if message[0] == "stop":
+                return
+            for index, attempts, job in message[1]:
+                conn.send(("result", index, judge.execute(job, attempts)))
+    finally:
+        judge.stop()
