@@ -1,0 +1,244 @@
+"""The local pool: one worker process per core, batched dispatch, results in input order.
+
+Each worker (:mod:`sandbox.worker`) runs one job at a time; the pool keeps up to ``prefetch`` jobs queued
+per worker so a worker never waits on the pool between jobs. If a worker process dies or stops reporting,
+the job it was running is charged one attempt (two in all, then ``sandbox_error``), the jobs queued behind it
+are re-dispatched uncharged, and the worker is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from sandbox.checks import compile_suite
+from sandbox.feedback import render_error
+from sandbox.isolation import IsolationConfig, IsolationReport
+from sandbox.job import Job, Limits, TestSuite
+from sandbox.result import Result, Status
+from sandbox.worker import boot_command
+
+logger = logging.getLogger(__name__)
+
+ATTEMPTS = 2
+_START_SECONDS = 120.0
+_STOP_SECONDS = 10.0
+
+
+class _WorkerProcess:
+    """The pool's handle on one worker process."""
+
+    def __init__(self, name: str, limits: Limits, config: IsolationConfig) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.proc = subprocess.Popen(boot_command("sandbox.worker", str(theirs.fileno()), name),
+                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        self.name = name
+        self.conn = Connection(ours.detach())
+        self.conn.send((limits, config))
+        self.queue: deque[int] = deque()  # indices sent and not yet answered, in order
+        self.last_heard = time.monotonic()
+        self.layers: dict[str, str] | None = None
+
+    def wait_hello(self, deadline: float) -> dict[str, str]:
+        while self.layers is None:
+            if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"sandbox worker {self.name} did not start in time")
+            message = self.conn.recv()
+            if message[0] == "hello":
+                self.layers = message[1]
+            elif message[0] == "log":
+                _relay_log(self.name, message)
+        return self.layers
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(("stop",))
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=_STOP_SECONDS)
+        self.conn.close()
+
+
+class SandboxPool:
+    """Runs (program, tests) jobs in sandboxed worker processes, in parallel, keeping input order.
+
+    ``workers`` defaults to the CPUs this process may use. Limits apply to every job. Not thread-safe for
+    concurrent batches: calls are serialised.
+    """
+
+    def __init__(self, workers: int | None = None, *, timeout: float = 3.0, memory_mb: int = 1024,
+                 max_processes: int = 32, max_open_files: int = 256, max_file_mb: int = 16,
+                 isolation: IsolationConfig | None = None, prefetch: int = 4) -> None:
+        self.limits = Limits(timeout=timeout, memory_mb=memory_mb, max_processes=max_processes,
+                             max_open_files=max_open_files, max_file_mb=max_file_mb)
+        self._config = isolation or IsolationConfig()
+        self._size = workers or len(os.sched_getaffinity(0))
+        self._prefetch = max(1, prefetch)
+        # A worker that is silent this long is hung: two attempts, their cleanup, and a zygote restart.
+        self._stall_seconds = 2 * (self.limits.timeout + 15.0) + 60.0
+        self._lock = threading.Lock()
+        self._spawned = 0
+        self._workers: list[_WorkerProcess] = []
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+        self._workers.extend(self._spawn() for _ in range(self._size))
+        deadline = time.monotonic() + _START_SECONDS
+        layers = [w.wait_hello(deadline) for w in self._workers]
+        self.isolation = IsolationReport(layers[0])
+        for warning in self.isolation.warnings():
+            logger.warning("sandbox isolation: %s", warning)
+        logger.info("sandbox pool: %d workers; isolation %s", self._size, self.isolation.layers)
+
+    def run(self, program: str, suite: TestSuite) -> Result:
+        """Run one program against one suite."""
+        return self.run_batch([Job(program, suite)])[0]
+
+    def run_batch(self, jobs: Sequence[Job], on_result: Callable[[int, Result], None] | None = None
+                  ) -> list[Result]:
+        """Run every job; ``results[i]`` belongs to ``jobs[i]``. ``on_result`` is called as each finishes.
+
+        Raises ``checks.InvalidTests`` (a ``ValueError``) before running anything if a suite is malformed.
+        """
+        for suite in {job.suite for job in jobs}:
+            compile_suite(suite)
+        with self._lock:
+            if not self._workers:
+                raise RuntimeError("the sandbox pool is closed")
+            return _Batch(self, jobs, on_result).run()
+
+    def close(self) -> None:
+        """Stop every worker (idempotent)."""
+        with self._lock:
+            self._finalizer()
+
+    def __enter__(self) -> SandboxPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _spawn(self) -> _WorkerProcess:
+        self._spawned += 1
+        return _WorkerProcess(f"{os.getpid()}-{self._spawned}", self.limits, self._config)
+
+    def _replace(self, worker: _WorkerProcess) -> _WorkerProcess:
+        logger.warning("sandbox worker %s died or hung; replacing it", worker.name)
+        worker.proc.kill()
+        worker.proc.wait(timeout=_STOP_SECONDS)
+        worker.conn.close()
+        fresh = self._spawn()
+        fresh.wait_hello(time.monotonic() + _START_SECONDS)
+        self._workers[self._workers.index(worker)] = fresh
+        return fresh
+
+
+class _Batch:
+    """One ``run_batch`` call: dispatch, collect, recover from dead workers."""
+
+    def __init__(self, pool: SandboxPool, jobs: Sequence[Job],
+                 on_result: Callable[[int, Result], None] | None) -> None:
+        self._pool = pool
+        self._jobs = jobs
+        self._on_result = on_result
+        self._pending: deque[int] = deque(range(len(jobs)))
+        self._attempts = [ATTEMPTS] * len(jobs)
+        self._results: list[Result | None] = [None] * len(jobs)
+        self._left = len(jobs)
+
+    def run(self) -> list[Result]:
+        for worker in self._pool._workers:
+            worker.queue.clear()
+            worker.last_heard = time.monotonic()
+        while self._left:
+            self._dispatch()
+            busy = {w.conn: w for w in self._pool._workers if w.queue}
+            for conn in wait(list(busy), timeout=1.0):
+                self._receive(busy[conn])  # type: ignore[index]
+            now = time.monotonic()
+            for worker in list(busy.values()):
+                if worker.queue and now - worker.last_heard > self._pool._stall_seconds:
+                    self._recover(worker)
+        return self._results  # type: ignore[return-value]
+
+    def _dispatch(self) -> None:
+        for worker in self._pool._workers:
+            batch = []
+            while self._pending and len(worker.queue) < self._pool._prefetch:
+                index = self._pending.popleft()
+                worker.queue.append(index)
+                batch.append((index, self._attempts[index], self._jobs[index]))
+            if batch:
+                if len(worker.queue) == len(batch):
+                    worker.last_heard = time.monotonic()
+                try:
+                    worker.conn.send(("jobs", batch))
+                except OSError:
+                    self._recover(worker)
+
+    def _receive(self, worker: _WorkerProcess) -> None:
+        try:
+            message: Any = worker.conn.recv()
+        except (EOFError, OSError):
+            self._recover(worker)
+            return
+        worker.last_heard = time.monotonic()
+        if message[0] == "log":
+            _relay_log(worker.name, message)
+        elif message[0] == "result" and worker.queue and message[1] == worker.queue[0]:
+            worker.queue.popleft()
+            self._finish(message[1], message[2])
+
+    def _recover(self, worker: _WorkerProcess) -> None:
+        """Charge the running job an attempt, requeue the rest, replace the worker."""
+        queue = list(worker.queue)
+        worker.queue.clear()
+        if queue:
+            head = queue[0]
+            self._attempts[head] -= 1
+            if self._attempts[head] <= 0:
+                queue.pop(0)
+                feedback = render_error("SandboxError", "the sandbox worker died while running this job")
+                self._finish(head, Result(Status.SANDBOX_ERROR, feedback, (), 0.0, attempts=ATTEMPTS))
+        self._pending.extendleft(reversed(queue))
+        self._pool._replace(worker)
+
+    def _finish(self, index: int, result: Result) -> None:
+        self._results[index] = result
+        self._left -= 1
+        if self._on_result is not None:
+            self._on_result(index, result)
+
+
+def _relay_log(worker: str, message: tuple[Any, ...]) -> None:
+    logger.log(message[1], "[worker %s] %s", worker, message[2])
+
+
+def _stop_all(workers: list[_WorkerProcess]) -> None:
+    for worker in workers:
+        worker.stop()
+    workers.clear()
+
+
+def run(program: str, suite: TestSuite, **pool_options: Any) -> Result:
+    """Run one job in a temporary single-worker pool (convenient, but pays the pool start-up every call)."""
+    with SandboxPool(workers=1, **pool_options) as pool:
+        return pool.run(program, suite)
+
+
+def run_batch(jobs: Sequence[Job], **pool_options: Any) -> list[Result]:
+    """Run jobs in a temporary pool; ``pool_options`` are :class:`SandboxPool` arguments."""
+    with SandboxPool(**pool_options) as pool:
+        return pool.run_batch(jobs)
