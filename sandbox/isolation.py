@@ -3,7 +3,9 @@
 Worker level, before any program exists, so that its cost is paid once:
     pids cgroup (created by the worker, joined by the zygote) → user namespace (non-root only) → mount, PID,
     network, IPC and UTS namespaces → whole filesystem read-only and private, fresh ``/proc`` → capability
-    bounding set emptied, securebits locked, ``no_new_privs``, non-dumpable, child subreaper.
+    bounding set emptied, securebits locked, ``no_new_privs``, non-dumpable, child subreaper → seccomp filter
+    (no new user namespaces, no keyrings/bpf/io_uring; and ``socket(2)`` refused outright when there is no
+    network namespace, so a refused namespace does not open the network).
 Job level, in each forked child before the program loads:
     new session → private tmpfs working directory (a fresh mount namespace of its own) → stdin ``/dev/null``,
     stdout/stderr to size-limited memory files, every other descriptor closed → rlimits → all capabilities
@@ -43,20 +45,33 @@ _NAMESPACE_FLAGS = {
 _WARNINGS = {
     "cgroup_pids": "no pids cgroup: a fork bomb is bounded only by RLIMIT_NPROC, which root ignores",
     "pid_namespace": "no PID namespace: programs can see and signal processes of the same user",
-    "network_namespace": "no network namespace: programs can open network connections",
+    "network_namespace": "no network namespace: the network is blocked only by the socket filter",
     "mount_namespace": "no mount namespace: programs can write wherever the worker's user can",
     "readonly_root": "filesystem not read-only: programs can write wherever the worker's user can",
     "private_proc": "host /proc visible: programs can list host processes",
     "capabilities": "capabilities not dropped",
+    "seccomp": "no seccomp filter: programs can create user namespaces and use keyrings, bpf, io_uring",
+    "socket_filter": "no socket filter either: programs can open network connections",
 }
+NAMESPACE_LAYERS = tuple(_NAMESPACE_FLAGS)
 
 
 @dataclass(frozen=True)
 class IsolationConfig:
-    """Which worker-level layers to attempt; each still falls back, with a warning, if the kernel refuses."""
+    """Which worker-level layers to attempt; each still falls back, with a warning, if the kernel refuses.
+
+    ``disabled`` names namespace layers (:data:`NAMESPACE_LAYERS`) not to attempt, as if the kernel had
+    refused them: for machines where one misbehaves, and for testing the fallbacks.
+    """
 
     namespaces: bool = True
     cgroup: bool = True
+    disabled: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.disabled) - set(NAMESPACE_LAYERS)
+        if unknown:
+            raise ValueError(f"unknown isolation layers {sorted(unknown)}; choose from {list(NAMESPACE_LAYERS)}")
 
 
 @dataclass
@@ -70,7 +85,7 @@ class IsolationReport:
 
     def warnings(self) -> list[str]:
         return [f"{msg} ({self.layers[name]})" for name, msg in _WARNINGS.items()
-                if name in self.layers and not self.active(name)]
+                if name in self.layers and not self.active(name) and not self.layers[name].startswith("not needed")]
 
 
 class PidsCgroup:
@@ -88,7 +103,11 @@ class PidsCgroup:
         if own is None or not (root / "cgroup.procs").exists():
             raise OSError(errno.ENOENT, "no cgroup-v1 pids hierarchy")
         path = root / own.lstrip("/") / name
-        path.mkdir(parents=True)
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:  # left by a process that had our pid; reusable only if empty (rmdir says)
+            path.rmdir()
+            path.mkdir()
         (path / "pids.max").write_text(str(max_pids))
         return cls(path)
 
@@ -113,7 +132,7 @@ def join_cgroup(procs_file: str) -> None:
         f.write(str(os.getpid()))
 
 
-def enter_worker_namespaces(report: IsolationReport) -> None:
+def enter_worker_namespaces(report: IsolationReport, disabled: tuple[str, ...] = ()) -> None:
     """Unshare every namespace the kernel allows; if a PID namespace was made, continue as its PID 1.
 
     Root needs no user namespace; anyone else gets one mapping their uid to root inside it, which is what lets
@@ -124,6 +143,9 @@ def enter_worker_namespaces(report: IsolationReport) -> None:
     needs_user_ns = os.geteuid() != 0
     wanted = 0
     for layer, flags in _NAMESPACE_FLAGS.items():
+        if layer in disabled:
+            report.layers[layer] = "disabled by configuration"
+            continue
         try:
             linux.unshare(flags | (linux.CLONE_NEWUSER if needs_user_ns and not wanted else 0))
         except OSError as exc:
@@ -234,6 +256,14 @@ def lock_down_zygote(report: IsolationReport) -> None:
         report.layers["capabilities"] = ACTIVE
     except OSError as exc:
         report.layers["capabilities"] = ACTIVE if os.geteuid() != 0 else f"refused: {exc.strerror}"
+    deny_sockets = not report.active("network_namespace")
+    try:
+        linux.install_seccomp_filter(deny_sockets=deny_sockets)
+        report.layers["seccomp"] = ACTIVE
+        report.layers["socket_filter"] = ACTIVE if deny_sockets else "not needed (network namespace)"
+    except OSError as exc:
+        report.layers["seccomp"] = f"refused: {exc.strerror}"
+        report.layers["socket_filter"] = "no seccomp" if deny_sockets else "not needed (network namespace)"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # PID 1 only receives signals it has handlers for
     report.layers["process_cleanup"] = ("kill every process of the PID namespace" if os.getpid() == 1
                                         else "process group + subreaper")

@@ -160,6 +160,77 @@ def drop_bounding_capabilities() -> None:
     _prctl(_PR_SET_SECUREBITS, _SECUREBITS_LOCKED_DOWN)
 
 
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_RET_ERRNO = 0x00050000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_JSET_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_X32_SYSCALL_BIT = 0x40000000
+# audit arch; syscall numbers of unshare, clone, clone3, socket; those refused outright.
+_SECCOMP_TABLE = {
+    "x86_64": (0xC000003E, 272, 56, 435, 41, {
+        "keyctl": 250, "add_key": 248, "request_key": 249, "bpf": 321, "perf_event_open": 298,
+        "userfaultfd": 323, "io_uring_setup": 425}),
+    "aarch64": (0xC00000B7, 97, 220, 435, 198, {
+        "keyctl": 219, "add_key": 217, "request_key": 218, "bpf": 280, "perf_event_open": 241,
+        "userfaultfd": 282, "io_uring_setup": 425}),
+}
+
+
+def install_seccomp_filter(deny_sockets: bool = False) -> list[str]:
+    """Refuse new user namespaces and a few high-risk, rarely needed syscalls, for us and every descendant.
+
+    ``unshare``/``clone`` with CLONE_NEWUSER fail with EPERM; ``clone3`` (whose flags a filter cannot read)
+    fails with ENOSYS, which makes glibc fall back to ``clone``. With ``deny_sockets``, ``socket(2)`` fails
+    with EPERM for every address family (``socketpair(2)`` still works): the fallback when there is no
+    network namespace. Requires ``no_new_privs``. Returns the names of the syscalls refused outright.
+    """
+    table = _SECCOMP_TABLE.get(platform.machine())
+    if table is None:
+        raise OSError(38, f"seccomp: no syscall table for {platform.machine()}")
+    arch, unshare_nr, clone_nr, clone3_nr, socket_nr, refused = table
+    refused = {**refused, **({"socket": socket_nr} if deny_sockets else {})}
+    eperm, enosys = _SECCOMP_RET_ERRNO | 1, _SECCOMP_RET_ERRNO | 38  # EPERM, ENOSYS
+
+    # (label or None, code, k, jump-if-true label, jump-if-false label); classic BPF jumps only go forward,
+    # as offsets from the next instruction, which `assemble` computes from the labels.
+    program: list[tuple[str | None, int, int, str | None, str | None]] = [
+        (None, _BPF_LD_W_ABS, 4, None, None),  # seccomp_data.arch
+        (None, _BPF_JEQ_K, arch, None, "deny"),
+        (None, _BPF_LD_W_ABS, 0, None, None),  # seccomp_data.nr
+        (None, _BPF_JGE_K, _X32_SYSCALL_BIT, "nosys", None),
+        (None, _BPF_JEQ_K, clone3_nr, "nosys", None),
+        (None, _BPF_JEQ_K, unshare_nr, "flags", None),
+        (None, _BPF_JEQ_K, clone_nr, "flags", None),
+        *((None, _BPF_JEQ_K, nr, "deny", None) for nr in refused.values()),
+        (None, _BPF_RET_K, _SECCOMP_RET_ALLOW, None, None),
+        ("flags", _BPF_LD_W_ABS, 16, None, None),  # low 32 bits of args[0]: the clone/unshare flags
+        (None, _BPF_JSET_K, CLONE_NEWUSER, "deny", None),
+        (None, _BPF_RET_K, _SECCOMP_RET_ALLOW, None, None),
+        ("deny", _BPF_RET_K, eperm, None, None),
+        ("nosys", _BPF_RET_K, enosys, None, None),
+    ]
+    labels = {label: i for i, (label, *_) in enumerate(program) if label}
+
+    def offset(pc: int, label: str | None) -> int:
+        return 0 if label is None else labels[label] - pc - 1
+
+    filters = (_SockFilter * len(program))(*(_SockFilter(code, offset(pc, jt), offset(pc, jf), k)
+                                              for pc, (_, code, k, jt, jf) in enumerate(program)))
+    prog = _SockFprog(len(program), filters)
+    _check(_libc.prctl(ctypes.c_int(_PR_SET_SECCOMP), ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(prog),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0)), "prctl(PR_SET_SECCOMP)")
+    return sorted(refused)
+
+
 def drop_all_capabilities() -> None:
     """Clear the effective, permitted and inheritable capability sets (``capset(2)``)."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)

@@ -8,6 +8,7 @@ are re-dispatched uncharged, and the worker is replaced.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -17,6 +18,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -30,6 +32,8 @@ from sandbox.worker import boot_command
 logger = logging.getLogger(__name__)
 
 ATTEMPTS = 2
+# Worker names are unique within this process, across pools: they name the workers' cgroups.
+_worker_numbers = itertools.count(1)
 _START_SECONDS = 120.0
 _STOP_SECONDS = 10.0
 
@@ -91,7 +95,7 @@ class SandboxPool:
         # A worker that is silent this long is hung: two attempts, their cleanup, and a zygote restart.
         self._stall_seconds = 2 * (self.limits.timeout + 15.0) + 60.0
         self._lock = threading.Lock()
-        self._spawned = 0
+        self.restarts = 0  # workers replaced after dying or hanging
         self._workers: list[_WorkerProcess] = []
         self._finalizer = weakref.finalize(self, _stop_all, self._workers)
         self._workers.extend(self._spawn() for _ in range(self._size))
@@ -131,11 +135,11 @@ class SandboxPool:
         self.close()
 
     def _spawn(self) -> _WorkerProcess:
-        self._spawned += 1
-        return _WorkerProcess(f"{os.getpid()}-{self._spawned}", self.limits, self._config)
+        return _WorkerProcess(f"{os.getpid()}-{next(_worker_numbers)}", self.limits, self._config)
 
     def _replace(self, worker: _WorkerProcess) -> _WorkerProcess:
         logger.warning("sandbox worker %s died or hung; replacing it", worker.name)
+        self.restarts += 1
         worker.proc.kill()
         worker.proc.wait(timeout=_STOP_SECONDS)
         worker.conn.close()
@@ -199,7 +203,10 @@ class _Batch:
             _relay_log(worker.name, message)
         elif message[0] == "result" and worker.queue and message[1] == worker.queue[0]:
             worker.queue.popleft()
-            self._finish(message[1], message[2])
+            index, result = message[1], message[2]
+            if self._attempts[index] < ATTEMPTS:  # count the attempts lost with a dead worker too
+                result = replace(result, attempts=result.attempts + ATTEMPTS - self._attempts[index])
+            self._finish(index, result)
 
     def _recover(self, worker: _WorkerProcess) -> None:
         """Charge the running job an attempt, requeue the rest, replace the worker."""

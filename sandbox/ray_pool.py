@@ -16,8 +16,8 @@ from sandbox.pool import SandboxPool
 from sandbox.result import Result
 
 
-class _SandboxActor:
-    """Ray actor body: a local sandbox pool."""
+class SandboxActor:
+    """Ray actor body: a local sandbox pool (wrap with `ray.remote(SandboxActor)`)."""
 
     def __init__(self, workers: int, timeout: float, memory_mb: int) -> None:
         self._pool = SandboxPool(workers, timeout=timeout, memory_mb=memory_mb)
@@ -65,7 +65,7 @@ class RaySandboxPool:
         # A chunk runs at least one job per worker at a time; allow for every job timing out, plus start-up.
         self._chunk_timeout = math.ceil(chunk_size / workers_per_actor) * (timeout + 15.0) + 120.0
         options = {"num_cpus": workers_per_actor, **(actor_options or {})}
-        actor_class = ray.remote(_SandboxActor).options(**options)
+        actor_class = ray.remote(SandboxActor).options(**options)
         self._actors = [actor_class.remote(workers_per_actor, timeout, memory_mb) for _ in range(num_actors)]
         self._outstanding: dict[Any, int] = {}  # chunk ref -> actor index
 

@@ -92,7 +92,7 @@ class ZygoteHandle:
         control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         procs = self._cgroup.procs_file if self._cgroup else None
         spec = ZygoteSpec(theirs.fileno(), self._limits, self._config.namespaces, procs, state, self._scratch,
-                          os.getuid(), os.getpid())
+                          os.getuid(), os.getpid(), self._config.disabled)
         with theirs:
             self._proc = subprocess.Popen(
                 boot_command("sandbox.zygote", spec.to_json(), isolated=True), pass_fds=(theirs.fileno(),),

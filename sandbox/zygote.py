@@ -58,6 +58,7 @@ class ZygoteSpec:
     scratch_dir: str  # host directory for per-job working directories when there is no mount namespace
     outer_uid: int
     worker_pid: int
+    disabled: tuple[str, ...] = ()  # namespace layers not to attempt
 
     def to_json(self) -> str:
         return json.dumps({**self.__dict__, "limits": self.limits.__dict__})
@@ -65,7 +66,7 @@ class ZygoteSpec:
     @classmethod
     def from_json(cls, text: str) -> ZygoteSpec:
         data = json.loads(text)
-        return cls(**{**data, "limits": Limits(**data["limits"])})
+        return cls(**{**data, "limits": Limits(**data["limits"]), "disabled": tuple(data.get("disabled", ()))})
 
 
 def main() -> None:
@@ -79,9 +80,9 @@ def main() -> None:
         isolation.join_cgroup(spec.cgroup_procs)
     user_processes = isolation.count_user_processes(spec.outer_uid) if spec.outer_uid != 0 else 0
     if spec.namespaces:
-        isolation.enter_worker_namespaces(report)
+        isolation.enter_worker_namespaces(report, spec.disabled)
     else:
-        for layer in ("mount_namespace", "pid_namespace", "network_namespace", "ipc_uts_namespaces"):
+        for layer in isolation.NAMESPACE_LAYERS:
             report.layers[layer] = "disabled by configuration"
     isolation.isolate_filesystem(report, _paths_python_needs(), scratch_mb=4 * spec.limits.max_file_mb)
     isolation.lock_down_zygote(report)
@@ -98,12 +99,13 @@ def main() -> None:
 
 
 def _choose_job_user(spec: ZygoteSpec, report: isolation.IsolationReport) -> tuple[int, int] | None:
-    """Run jobs as an unprivileged uid when we are really root and the Python installation is reachable."""
+    """Run jobs as an unprivileged uid when we are really root and the Python installation is reachable.
+
+    This holds with or without the namespaces: where they are refused, the uid is what keeps a job from
+    signalling, reading the environment of, or writing the files of the root-owned host processes.
+    """
     if spec.outer_uid != 0 or os.geteuid() != 0:
         report.layers["job_user"] = "not root: jobs keep the worker's uid, without capabilities"
-        return None
-    if not (report.active("masked_paths") and report.active("private_tmp")):
-        report.layers["job_user"] = "no private filesystem view: jobs run as root without capabilities"
         return None
     user = isolation.job_user_for(spec.worker_pid)
     pid = os.fork()
@@ -115,6 +117,8 @@ def _choose_job_user(spec: ZygoteSpec, report: isolation.IsolationReport) -> tup
     if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
         report.layers["job_user"] = "the Python installation is not readable by other users: jobs run as root"
         return None
+    if not report.active("private_tmp"):
+        os.chmod(spec.scratch_dir, 0o711)  # job directories are made in here: let the job user reach its own
     report.layers["job_user"] = isolation.ACTIVE
     return user
 
@@ -180,12 +184,14 @@ class _Zygote:
         self._send(("done", seq, status, rusage.ru_maxrss, rusage.ru_utime + rusage.ru_stime))
 
     def _make_workdir(self) -> str:
-        if not self._private_tmp:
-            return tempfile.mkdtemp(prefix="job-", dir=self._spec.scratch_dir)
-        os.mkdir(isolation.WORKDIR, 0o700)
+        if self._private_tmp:
+            workdir = isolation.WORKDIR
+            os.mkdir(workdir, 0o700)
+        else:
+            workdir = tempfile.mkdtemp(prefix="job-", dir=self._spec.scratch_dir)
         if self._job_user is not None:
-            os.chown(isolation.WORKDIR, *self._job_user)
-        return isolation.WORKDIR
+            os.chown(workdir, *self._job_user)
+        return workdir
 
     def _wait_for_end(self, pid: int, seq: int) -> None:
         """Block until the job process exits or the worker asks to end the job."""
