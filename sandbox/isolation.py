@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
 import shutil
 import signal
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,12 +99,10 @@ class PidsCgroup:
     @classmethod
     def create(cls, name: str, max_pids: int) -> PidsCgroup:
         """Create ``name`` under this process's own pids cgroup. Raises ``OSError`` if unavailable."""
-        root = Path("/sys/fs/cgroup/pids")
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-        own = next((line.split(":", 2)[2].strip() for line in lines if line.split(":")[1] == "pids"), None)
-        if own is None or not (root / "cgroup.procs").exists():
+        parent = own_pids_cgroup()
+        if parent is None:
             raise OSError(errno.ENOENT, "no cgroup-v1 pids hierarchy")
-        path = root / own.lstrip("/") / name
+        path = parent / name
         try:
             path.mkdir(parents=True)
         except FileExistsError:  # left by a process that had our pid; reusable only if empty (rmdir says)
@@ -124,6 +124,54 @@ class PidsCgroup:
             self.path.rmdir()
         except FileNotFoundError:
             pass
+
+
+def own_pids_cgroup() -> Path | None:
+    """This process's cgroup-v1 ``pids`` directory, if there is such a hierarchy."""
+    root = Path("/sys/fs/cgroup/pids")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    own = next((line.split(":", 2)[2].strip() for line in lines if line.split(":")[1] == "pids"), None)
+    if own is None or not (root / "cgroup.procs").exists():
+        return None
+    return root / own.lstrip("/")
+
+
+# What a worker named "<pool pid>-<n>" leaves behind if it is killed: its zygotes' pids cgroups
+# (persd-sandbox-<name>-<start>) and its scratch directory (persd-sandbox-<name>-<random>, under the temp dir).
+LEFTOVER_PREFIX = "persd-sandbox-"
+_LEFTOVER = re.compile(rf"{LEFTOVER_PREFIX}(\d+)-(\d+)-")
+
+
+def remove_leftovers(worker_names: set[str] | None = None) -> int:
+    """Remove the cgroups and scratch directories of the named workers, or (``None``) of pools whose process
+    no longer exists. Only empty cgroups can go (``rmdir`` refuses others), so a live job is never touched.
+    Returns how many matching entries are still there."""
+    remaining = 0
+    places = [(own_pids_cgroup(), True), (Path(tempfile.gettempdir()), False)]
+    for parent, is_cgroup in places:
+        if parent is None:
+            continue
+        try:
+            entries = list(parent.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            match = _LEFTOVER.match(entry.name)
+            if match is None or not entry.is_dir() or entry.is_symlink():
+                continue
+            name = f"{match[1]}-{match[2]}"
+            if worker_names is not None and name not in worker_names:
+                continue
+            if worker_names is None and Path(f"/proc/{match[1]}").exists():
+                continue  # that pool is still running (or its pid was reused: leave it)
+            try:
+                entry.rmdir() if is_cgroup else shutil.rmtree(entry)
+            except OSError:
+                remaining += 1
+    return remaining
 
 
 def join_cgroup(procs_file: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from sandbox.checks import compile_suite
 from sandbox.feedback import render_error
-from sandbox.isolation import IsolationConfig, IsolationReport
+from sandbox.isolation import IsolationConfig, IsolationReport, remove_leftovers
 from sandbox.job import Job, Limits, TestSuite
 from sandbox.result import Result, Status
 from sandbox.worker import boot_command
@@ -97,7 +97,9 @@ class SandboxPool:
         self._lock = threading.Lock()
         self.restarts = 0  # workers replaced after dying or hanging
         self._workers: list[_WorkerProcess] = []
-        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+        self._killed: set[str] = set()  # workers killed by us: their leftovers are removed when the pool closes
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers, self._killed)
+        remove_leftovers()  # of pools that were killed before they could clean up
         self._workers.extend(self._spawn() for _ in range(self._size))
         deadline = time.monotonic() + _START_SECONDS
         layers = [w.wait_hello(deadline) for w in self._workers]
@@ -143,6 +145,7 @@ class SandboxPool:
         worker.proc.kill()
         worker.proc.wait(timeout=_STOP_SECONDS)
         worker.conn.close()
+        self._killed.add(worker.name)
         fresh = self._spawn()
         fresh.wait_hello(time.monotonic() + _START_SECONDS)
         self._workers[self._workers.index(worker)] = fresh
@@ -233,10 +236,15 @@ def _relay_log(worker: str, message: tuple[Any, ...]) -> None:
     logger.log(message[1], "[worker %s] %s", worker, message[2])
 
 
-def _stop_all(workers: list[_WorkerProcess]) -> None:
+def _stop_all(workers: list[_WorkerProcess], killed: set[str]) -> None:
     for worker in workers:
         worker.stop()
     workers.clear()
+    if killed:  # their zygotes exit once they see the worker gone; give them a moment
+        deadline = time.monotonic() + _STOP_SECONDS
+        while remove_leftovers(killed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed.clear()
 
 
 def run(program: str, suite: TestSuite, **pool_options: Any) -> Result:

@@ -33,7 +33,7 @@ from sandbox import wire
 from sandbox.checks import CheckRun, CompiledSuite, InvalidTests, compile_suite, run_checks, verdict
 from sandbox.errors import SandboxFailure
 from sandbox.feedback import render_error
-from sandbox.isolation import IsolationConfig, PidsCgroup
+from sandbox.isolation import LEFTOVER_PREFIX, IsolationConfig, PidsCgroup
 from sandbox.job import Job, Limits
 from sandbox.remote import CandidateRaised, JobEnded, Session
 from sandbox.result import Result, Status, TestOutcome
@@ -84,7 +84,7 @@ class ZygoteHandle:
         state = "disabled by configuration"
         if self._config.cgroup:
             try:
-                self._cgroup = PidsCgroup.create(f"persd-sandbox-{self._name}-{self._starts}",
+                self._cgroup = PidsCgroup.create(f"{LEFTOVER_PREFIX}{self._name}-{self._starts}",
                                                  self._limits.max_processes + 2)
                 state = "active"
             except OSError as exc:
@@ -172,7 +172,7 @@ class Judge:
 
     def __init__(self, limits: Limits, config: IsolationConfig, name: str) -> None:
         self._limits = limits
-        self._scratch = tempfile.mkdtemp(prefix="persd-sandbox-")
+        self._scratch = tempfile.mkdtemp(prefix=f"{LEFTOVER_PREFIX}{name}-")
         self._zygote = ZygoteHandle(limits, config, name, self._scratch)
 
     def start(self) -> dict[str, str]:

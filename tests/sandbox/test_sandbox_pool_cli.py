@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from conftest import REPO
 
 from sandbox import Job, SandboxPool, Status, TestSuite
+from sandbox.isolation import LEFTOVER_PREFIX, own_pids_cgroup
 
 DOUBLES = TestSuite("f", ("assert f(1) == 2", "assert f(3) == 6"))
 
@@ -40,7 +42,7 @@ def test_result_fields(pool: SandboxPool) -> None:
     json.dumps(data)
 
 
-def _kill_workers(pool: SandboxPool, times: int) -> threading.Thread:
+def _kill_workers(pool: SandboxPool, times: int, killed: list[str]) -> threading.Thread:
     """Kill the running worker process ``times`` times, each time once it has a job in hand."""
     def killer() -> None:
         for _ in range(times):
@@ -49,6 +51,7 @@ def _kill_workers(pool: SandboxPool, times: int) -> threading.Thread:
                 worker = pool._workers[0]
                 if worker.queue and worker.proc.poll() is None:
                     time.sleep(0.3)  # let it start the job
+                    killed.append(worker.name)
                     worker.proc.kill()
                     while pool._workers and pool._workers[0] is worker:
                         time.sleep(0.01)
@@ -62,14 +65,20 @@ def _kill_workers(pool: SandboxPool, times: int) -> threading.Thread:
 @pytest.mark.parametrize(("deaths", "status"), [(1, Status.PASSED), (2, Status.SANDBOX_ERROR)])
 def test_a_dead_worker_is_retried_once_then_reported_as_sandbox_error(deaths: int, status: Status) -> None:
     slow = "import time\ndef f(x):\n    time.sleep(1)\n    return 2 * x\n"
+    killed: list[str] = []
     with SandboxPool(workers=1, timeout=5.0) as own:
-        killer = _kill_workers(own, deaths)
+        killer = _kill_workers(own, deaths, killed)
         result = own.run(slow, TestSuite("f", ("assert f(1) == 2",)))
         killer.join(timeout=30)
         assert own.restarts == deaths
         assert own.run("def f(x):\n    return 2 * x\n", DOUBLES).passed  # the replacement works
     assert result.status is status, result.feedback
     assert result.attempts == 2
+    # A killed worker cannot clean up after itself: the pool removes its cgroups and scratch directory.
+    assert len(killed) == deaths
+    places = [Path(tempfile.gettempdir()), *([cgroup] if (cgroup := own_pids_cgroup()) else [])]
+    assert [p for place in places for p in place.iterdir()
+            if any(p.name.startswith(f"{LEFTOVER_PREFIX}{name}-") for name in killed)] == []
     if status is Status.SANDBOX_ERROR:
         assert result.feedback.startswith("SandboxError: ")
 
