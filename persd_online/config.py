@@ -48,6 +48,9 @@ class StudentConfig(_Section):
     samples_per_task: int = Field(2, ge=1)
     tasks_per_batch: int = Field(8, ge=1, description="Tasks per generate call.")
     seed: int = 0
+    cpu_cores: str | None = Field(
+        "0", description="CPU engines: cores for vLLM's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND, e.g. '0-3'); "
+        "null: vLLM's own choice. Keep apart from trainer.cpu_cores so the two do not fight.")
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
@@ -134,7 +137,10 @@ class TrainerConfig(_Section):
     replay_fraction: float = Field(0.5, ge=0, lt=1, description="Share of each batch drawn from replay.")
     replay_capacity: int = Field(512, ge=1)
     max_reuse: int = Field(4, ge=1, description="Times one example may be trained on.")
-    torch_threads: int | None = Field(None, ge=1)
+    torch_threads: int | None = Field(None, ge=1, description="null: one per core in cpu_cores, else torch's own.")
+    cpu_cores: list[int] | None = Field(
+        default_factory=lambda: [1], description="Cores the trainer process is pinned to (null: no pinning); "
+        "cores not on this machine are ignored with a warning.")
     seed: int = 0
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
@@ -193,6 +199,7 @@ class Config(_Section):
     cache_dir: Path | None = Field(None, description="Model cache (None: $PERSD_ONLINE_CACHE or ~/.cache).")
     method: Literal["persd", "persd_refine", "persd_combine"] = "persd"
     max_staleness: int = Field(1, ge=0, description="Versions an attempt may lag the trainer and still train.")
+    checkpoint_every_s: float = Field(60.0, gt=0, description="Checkpoint the whole run this often (and at the end).")
     seed: int = 0
     student: StudentConfig = Field(default_factory=StudentConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)

@@ -100,6 +100,9 @@ def engine_env(config: StudentConfig) -> dict[str, str]:
         # leaked per engine that is not shut down explicitly.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     })
+    if config.cpu_cores:
+        # OpenMP threads spin at barriers: sharing cores with the trainer's threads slowed both many-fold.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_cores
     return env
 
 SHUTDOWN_TIMEOUT_S = 30.0

@@ -49,12 +49,15 @@ class RunDir:
         return cls(root)
 
     @classmethod
-    def resume(cls, root: str | Path) -> tuple[RunDir, Config]:
-        """Reopen an existing run and its recorded config."""
+    def resume(cls, root: str | Path, overrides: list[str] | None = None) -> tuple[RunDir, Config]:
+        """Reopen an existing run and its recorded config; `overrides` (e.g. a larger budget) are recorded."""
         root = Path(root)
         if not (root / "config.yaml").is_file():
             raise FileNotFoundError(f"{root} is not a run directory (no config.yaml); cannot resume it")
-        return cls(root), load_config(root / "config.yaml")
+        config = load_config(root / "config.yaml", overrides)
+        if overrides:
+            atomic.write_text(root / "config.yaml", dump_config(config))
+        return cls(root), config
 
     @property
     def adapters(self) -> Path:

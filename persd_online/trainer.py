@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -83,6 +84,19 @@ def resolve_device(config: TrainerConfig) -> tuple[torch.device, torch.dtype]:
     return torch.device(name), dtype
 
 
+def pin_to_cores(cores: list[int] | None) -> set[int]:
+    """Pin this process to those of `cores` that exist here; returns the cores pinned to (empty: none)."""
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        return set()
+    usable = set(cores) & os.sched_getaffinity(0)
+    if not usable:
+        log.warning("trainer.cpu_cores %s are not available here (%s); not pinning", cores,
+                    sorted(os.sched_getaffinity(0)))
+        return set()
+    os.sched_setaffinity(0, usable)
+    return usable
+
+
 @dataclass
 class TrainerStats:
     """Counters and last-step figures (what `stats()` reports and checkpoints keep)."""
@@ -127,8 +141,9 @@ class LoraTrainer:
         self.prompt_format = config.student.prompt_format
         self.adapters_dir = Path(root) / "adapters"
         self.checkpoints_dir = Path(root) / "checkpoints"
-        if t.torch_threads:
-            torch.set_num_threads(t.torch_threads)
+        cores = pin_to_cores(t.cpu_cores)
+        if t.torch_threads or cores:
+            torch.set_num_threads(t.torch_threads or len(cores))
         torch.manual_seed(t.seed)
         self.device, self.dtype = resolve_device(t)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)

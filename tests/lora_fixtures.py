@@ -44,10 +44,14 @@ class AdapterFactory:
     def publish(self, version: int, seed: int, scale: float, marker: bool = True) -> Path:
         """Publish `version` with weights from (seed, scale); without `marker`, leave it unfinished."""
         self.set_weights(seed, scale)
+        return self.save(version, marker)
+
+    def save(self, version: int, marker: bool = True) -> Path:
+        """Write the current weights as `version`, atomically with its marker last (or without a marker)."""
 
         def build(staging: Path) -> None:
             self.model.save_pretrained(staging)
-            (staging / "adapter_version.json").write_text(json.dumps({"version": version, "seed": seed}))
+            (staging / "adapter_version.json").write_text(json.dumps({"version": version}))
 
         if marker:
             return publish_dir(self.path(version), build)

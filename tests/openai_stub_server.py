@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -36,10 +37,12 @@ class Reply:
 class StubOpenAIServer:
     """A threaded HTTP server on a free loopback port; use as a context manager."""
 
-    def __init__(self, model: str = "stub-teacher", api_key: str | None = None, default: Reply = Reply()):
+    def __init__(self, model: str = "stub-teacher", api_key: str | None = None, default: Reply = Reply(),
+                 responder: Callable[[dict[str, Any]], Reply] | None = None):
         self.model = model
         self.api_key = api_key
         self.default = default
+        self.responder = responder  # computes the reply from the request when no scripted one is queued
         self.requests: list[dict[str, Any]] = []
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
@@ -72,9 +75,11 @@ class StubOpenAIServer:
         with self._lock:
             self.requests.append(body)
 
-    def _next(self) -> Reply:
+    def _next(self, body: dict[str, Any]) -> Reply:
         with self._lock:
-            return self._script.popleft() if self._script else self.default
+            if self._script:
+                return self._script.popleft()
+        return self.responder(body) if self.responder is not None else self.default
 
 
 def _error(status: int, message: str, kind: str) -> dict[str, Any]:
@@ -96,7 +101,7 @@ def _handler(server: StubOpenAIServer) -> type[BaseHTTPRequestHandler]:
             if body.get("model") != server.model:
                 return self._send(404, _error(404, f"The model `{body.get('model')}` does not exist.",
                                               "invalid_request_error"))
-            reply = server._next()
+            reply = server._next(body)
             time.sleep(reply.delay_s)
             if reply.drop:
                 self.close_connection = True

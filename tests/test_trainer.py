@@ -24,7 +24,8 @@ TASKS = load_mbpp("train")[:4]
 
 def make_config(**trainer: object) -> Config:
     settings = {"batch_examples": 4, "replay_fraction": 0.0, "lr": 1e-3, "warmup_steps": 0,
-                "publish_every_steps": 2, "torch_threads": 2, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+                "publish_every_steps": 2, "torch_threads": 2, "cpu_cores": None,
+                "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
     return Config.model_validate({"student": {"prompt_format": "completion"}, "trainer": settings | trainer})
 
 

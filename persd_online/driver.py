@@ -1,0 +1,151 @@
+"""Starting a run: connect to Ray, load tasks, create the actors with their configured resources, run the loop.
+
+`run(config)` starts a fresh run directory; `resume(run_dir)` reopens one and continues from its
+checkpoints. Under `ray job submit` the driver joins the cluster it was submitted to (`address: auto`);
+on one machine it starts a local Ray sized so the configured actor shares fit (the shares are planned
+fractions of the machine's cores, e.g. student 1 + trainer 1 on two cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.queue import Queue
+
+from persd_online.config import Config
+from persd_online.evaluator import EvaluatorActor, check_disjoint
+from persd_online.executor import SandboxExecutor
+from persd_online.loop import Actors, LoopState, OnlineLoop
+from persd_online.models import resolve_model
+from persd_online.report import build_report
+from persd_online.run_dir import RunDir
+from persd_online.student import start_student, stop_student
+from persd_online.tasks import Task, load_tasks
+from persd_online.teacher import start_teacher_actor
+from persd_online.trainer import start_trainer
+from sandbox.ray_pool import SandboxActor
+
+log = logging.getLogger(__name__)
+
+
+def connect(config: Config) -> None:
+    """Join the configured cluster, a running one, or start a local Ray."""
+    if ray.is_initialized():
+        return
+    # Never let a nested Ray start write an auth token that `ray job submit` would then demand.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = config.ray.address
+    if address is None:
+        try:
+            ray.init(address="auto", namespace=config.ray.namespace, log_to_driver=True)
+            log.info("joined the running Ray cluster")
+            return
+        except ConnectionError:
+            address = "local"
+    if address == "local":
+        needed = _cpus_needed(config)
+        cpus = config.ray.num_cpus or max(os.cpu_count() or 1, needed)
+        ray.init(num_cpus=cpus, namespace=config.ray.namespace, include_dashboard=True, log_to_driver=True)
+        log.info("started a local Ray with %d CPUs (actors ask for %.1f); dashboard: %s", cpus, needed,
+                 ray.get_runtime_context().gcs_address)
+    else:
+        ray.init(address=address, namespace=config.ray.namespace)
+
+
+def _cpus_needed(config: Config) -> int:
+    shares = (config.student.num_cpus * config.student.num_actors + config.trainer.num_cpus
+              + config.sandbox.num_cpus * config.sandbox.num_actors + config.teacher.num_cpus
+              + config.eval.num_cpus)
+    return int(-(-shares // 1))
+
+
+def _tasks(config: Config) -> tuple[list[Task], dict[str, list[Task]]]:
+    pool = load_tasks(config.tasks.pool)[: config.tasks.limit]
+    heldout = {spec: load_tasks(spec)[: config.eval.limit] for spec in config.eval.tasks}
+    check_disjoint(pool, heldout)
+    return pool, heldout
+
+
+def _start_actors(config: Config, run: RunDir, heldout: dict[str, list[Task]],
+                  state: LoopState | None) -> Actors:
+    from transformers import AutoTokenizer
+
+    model_path = resolve_model(config.student.model, config.cache_dir)
+    sandbox_actor = ray.remote(SandboxActor).options(num_cpus=config.sandbox.num_cpus, max_restarts=-1)
+    sandbox = [sandbox_actor.remote(
+        config.sandbox.workers, config.sandbox.timeout_s, config.sandbox.memory_mb)
+        for _ in range(config.sandbox.num_actors)]
+    executor = SandboxExecutor(sandbox, config.sandbox.timeout_s)
+    student = start_student(config.student, model_path, run.root / "student")
+    teacher = start_teacher_actor(config.teacher, run.teacher_cache, executor, state.teacher if state else None)
+    examples = Queue(maxsize=2 * config.trainer.batch_examples * config.trainer.publish_every_steps)
+    trainer = start_trainer(config, model_path, run.root, examples)
+    evaluator = EvaluatorActor.options(num_cpus=config.eval.num_cpus).remote(student, executor, heldout,
+                                                                             config.eval)
+    return Actors(student=student, teacher=teacher, trainer=trainer, evaluator=evaluator, executor=executor,
+                  examples=examples, tokenizer=AutoTokenizer.from_pretrained(model_path))
+
+
+def _execute(config: Config, run: RunDir, state: LoopState | None) -> dict[str, Any]:
+    connect(config)
+    pool, heldout = _tasks(config)
+    run.event("start", pool=config.tasks.pool, tasks=len(pool), heldout={k: len(v) for k, v in heldout.items()},
+              teacher=config.teacher.kind, resumed=state is not None)
+    if config.teacher.kind == "reference_oracle":
+        log.warning("teacher.kind=reference_oracle: refinements are the tasks' reference solutions. This run "
+                    "is an ORACLE baseline, not PERsD; set teacher.kind=openai with an endpoint for PERsD.")
+    actors = _start_actors(config, run, heldout, state)
+    try:
+        summary = asyncio.run(OnlineLoop(config, run, pool, actors, state).run())
+    finally:
+        stop_student(actors.student)
+    run.write_summary(summary)
+    run.event("end", stop_reason=summary["stop_reason"])
+    for path in build_report(run.root):
+        log.info("report: %s", path)
+    return summary
+
+
+def describe(root: Path, summary: dict[str, Any]) -> str:
+    """A few lines for the terminal: what the run did and where its results are."""
+    curve = ", ".join(f"v{v}: {p:.3f}" for v, p in summary["heldout_pass1"])
+    before, after = summary["trained_task_pass_before"], summary["trained_task_pass_after"]
+    trained = "n/a" if before is None else f"{before:.3f} -> {after:.3f}"
+    return (f"run {root} stopped: {summary['stop_reason']}\n"
+            f"  {summary['attempts']} attempts ({summary['attempts_passed']} passed), "
+            f"{summary['teacher_calls']} teacher calls ({summary['teacher']['kind']}), "
+            f"{summary['refinements_verified']} verified refinements, {summary['examples_trained']} examples "
+            f"trained in {summary['train_steps']} steps\n"
+            f"  adapters: {summary['adapters_published']} published, {summary['adapters_loaded_by_student']} "
+            f"loaded by the student; held-out pass@1 by version: {curve}\n"
+            f"  greedy pass rate on the {summary['trained_tasks']} trained tasks, v0 -> final: {trained}\n"
+            f"  summary: {root / 'summary.json'}; report: {root / 'report'}")
+
+
+def run(config: Config) -> tuple[Path, dict[str, Any]]:
+    """A fresh run of `config`; returns its directory and summary."""
+    run_dir = RunDir.create(config)
+    log.info("run directory: %s", run_dir.root)
+    try:
+        return run_dir.root, _execute(config, run_dir, None)
+    finally:
+        run_dir.close()
+
+
+def resume(root: str | Path, overrides: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Continue the run in `root` from its last checkpoint (`overrides`: e.g. `budget.max_wall_s=2000`;
+    budgets count the whole run, so a resumed run needs a larger one to go on)."""
+    run_dir, config = RunDir.resume(root, overrides)
+    checkpoint = run_dir.checkpoints / "loop.json"
+    state = LoopState(**json.loads(checkpoint.read_text())) if checkpoint.exists() else None
+    log.info("resuming %s from %s", run_dir.root, "its checkpoint" if state else "the start (no checkpoint yet)")
+    try:
+        return run_dir.root, _execute(config, run_dir, state)
+    finally:
+        run_dir.close()

@@ -1,0 +1,165 @@
+"""The whole online loop on the real stack: local Ray, the vLLM student (SmolLM2-135M on CPU), the sandbox
+pool, the teacher over HTTP against a real server on 127.0.0.1, and the peft trainer.
+
+One run is shared by the module's tests. During it the teacher endpoint goes down for a while (HTTP 503)
+and comes back, and the student's process is killed once (Ray restarts it; the loop re-sends the latest
+adapter). The assertions read only the run directory, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from persd_online.config import load_config
+from persd_online.run_dir import read_jsonl
+from persd_online.tasks import load_tasks
+from tests.openai_stub_server import Reply, StubOpenAIServer
+
+pytestmark = pytest.mark.slow
+
+POOL = "mbpp:train"
+POOL_SIZE = 6
+OUTAGE = (40.0, 70.0)  # seconds after the first teacher request: the endpoint answers 503
+
+
+def e2e_overrides(runs_dir: Path, base_url: str) -> list[str]:
+    """A run of a few minutes on 2 cores: small pool, small held-out subset, frequent versions."""
+    return [
+        f"runs_dir={runs_dir}", "name=e2e", f"tasks.pool={POOL}", f"tasks.limit={POOL_SIZE}",
+        "eval.limit=2", "eval.max_new_tokens=64", "eval.every_versions=2",
+        "student.max_new_tokens=160", "student.tasks_per_batch=6",
+        "teacher.kind=openai", f"teacher.base_url={base_url}", "teacher.model=stub-teacher",
+        "teacher.max_retries=1", "teacher.backoff_initial_s=0.2", "teacher.timeout_s=20",
+        "trainer.lr=1e-3", "trainer.warmup_steps=0", "trainer.publish_every_steps=2",
+        "trainer.checkpoint_every_steps=4", "checkpoint_every_s=30",
+        "budget.max_versions=4", "budget.max_wall_s=420",
+    ]
+
+
+class ReferenceTeacher:
+    """The HTTP server's answers: the reference solution of the task named in the request; 503 while down."""
+
+    def __init__(self) -> None:
+        self.tasks = load_tasks(POOL)[:POOL_SIZE]
+        self.first_request: float | None = None
+        self.refused = 0
+
+    def __call__(self, body: dict) -> Reply:
+        now = time.monotonic()
+        self.first_request = self.first_request or now
+        if OUTAGE[0] <= now - self.first_request < OUTAGE[1]:
+            self.refused += 1
+            return Reply(status=503)
+        text = body["messages"][-1]["content"]
+        task = next(t for t in self.tasks if t.prompt.strip() in text)
+        return Reply(content=f"Corrected:\n```python\n{task.reference}\n```", prompt_tokens=len(text) // 4,
+                     completion_tokens=len(task.reference) // 4)
+
+
+def kill_student_once(done: threading.Event, after_s: float) -> threading.Thread:
+    """SIGKILL the student actor's process once, `after_s` seconds in (a crash Ray must recover from)."""
+
+    def work() -> None:
+        from ray.util.state import list_actors
+
+        if done.wait(after_s):
+            return
+        for actor in list_actors(filters=[("class_name", "=", "Student"), ("state", "=", "ALIVE")]):
+            os.kill(actor.pid, signal.SIGKILL)
+            return
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def run(student_model, tmp_path_factory):
+    import ray
+
+    from persd_online import driver
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    teacher = ReferenceTeacher()
+    done = threading.Event()
+    with StubOpenAIServer(responder=teacher) as server:
+        config = load_config(None, e2e_overrides(tmp_path_factory.mktemp("runs"), server.base_url))
+        kill_student_once(done, after_s=150.0)
+        try:
+            root, summary = driver.run(config)
+        finally:
+            done.set()
+            ray.shutdown()
+    events = list(read_jsonl(root / "events.jsonl"))
+    return root, summary, events, teacher
+
+
+def kinds(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["kind"] == kind]
+
+
+def test_versions_are_published_and_served(run) -> None:
+    root, summary, events, _ = run
+    assert summary["adapters_published"] >= 2
+    assert summary["adapters_loaded_by_student"] >= 2
+    versions = {e["version"] for e in kinds(events, "attempt")}
+    assert len(versions) >= 2, versions
+    for v in range(1, summary["adapters_published"] + 1):
+        assert (root / "adapters" / f"v{v:04d}" / "COMPLETE").is_file()
+
+
+def test_verified_refinements_become_trained_examples_within_staleness(run) -> None:
+    root, summary, events, _ = run
+    assert summary["teacher"]["kind"] == "openai"
+    assert summary["refinements_verified"] > 0 and summary["examples_trained"] > 0
+    example_ids = {e["example_id"] for e in kinds(events, "example")}
+    trained: list[str] = []
+    for meta_file in sorted((root / "adapters").glob("v*/adapter_version.json")):
+        meta = json.loads(meta_file.read_text())
+        assert meta["staleness_max"] <= meta["max_staleness"] == 1, meta_file
+        trained += meta["example_ids"]
+    assert trained and set(trained) <= example_ids  # every trained example came from a verified refinement
+    assert len(trained) == len(set(trained))  # none trained twice as fresh
+
+
+def test_the_loop_closes_trained_tasks_improve(run) -> None:
+    _, summary, _, _ = run
+    assert summary["trained_task_pass_after"] > summary["trained_task_pass_before"], summary
+
+
+def test_teacher_outage_pauses_refinement_and_recovers(run) -> None:
+    _, _, events, teacher = run
+    assert teacher.refused > 0
+    outages = kinds(events, "teacher_outage")
+    assert outages
+    later = [e for e in kinds(events, "refinement") if e["t"] > outages[-1]["t"]]
+    assert later, "no refinement after the outage: refinement did not resume by itself"
+
+
+def test_a_killed_student_restarts_with_the_latest_adapter(run) -> None:
+    _, _, events, _ = run
+    restarts = kinds(events, "student_restart")
+    assert restarts, "the student was killed but the loop never saw a restart"
+    resent = restarts[0]["version"]
+    after = [e["version"] for e in kinds(events, "attempt") if e["t"] > restarts[0]["t"]]
+    assert after and min(after) >= resent  # not version 0 again: the adapter was re-sent
+
+
+def test_run_directory_contract(run) -> None:
+    root, summary, _, _ = run
+    for key in ("adapters_published", "adapters_loaded_by_student", "attempts", "attempts_passed", "teacher_calls",
+                "refinements_verified", "examples_trained", "train_steps", "stale_dropped", "heldout_pass1",
+                "trained_task_pass_before", "trained_task_pass_after", "stage_busy_fraction", "wall_s", "teacher"):
+        assert key in summary, key
+    assert json.loads((root / "summary.json").read_text())["attempts"] == summary["attempts"]
+    assert len(summary["heldout_pass1"]) >= 2
+    assert set(summary["stage_busy_fraction"]) >= {"student", "sandbox", "teacher", "trainer"}
+    assert (root / "report" / "learning_curve.png").stat().st_size > 0
+    assert (root / "checkpoints" / "loop.json").is_file()
