@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import warnings
 from collections.abc import Iterable
@@ -109,15 +110,42 @@ def _parse_python(source: str, what: str) -> ast.Module:
 
 
 def _usable_check(check_source: str) -> bool:
-    """True if the source parses and its `check` function holds at least one statement beyond a docstring."""
+    """True if the source parses, its `check` function holds at least one statement beyond a docstring,
+    and `check` reads no name that nothing defines (some formatted HumanEval tests lost their variables)."""
     try:
         tree = _ast(check_source)
     except SyntaxError:
         return False
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == "check":
-            return not all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) for s in node.body)
+            has_body = not all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) for s in node.body)
+            return has_body and not _undefined_names(node, tree)
     return False
+
+
+def _bindings(nodes: Iterable[ast.AST]) -> set[str]:
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+def _undefined_names(function: ast.FunctionDef, module: ast.Module) -> set[str]:
+    """Names `function` reads that neither it, the module's top level, nor the builtins define."""
+    top = [n for stmt in module.body for n in
+           ([stmt] if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else ast.walk(stmt))]
+    bound = set(dir(builtins)) | _bindings(top) | _bindings(ast.walk(function))
+    read = {n.id for n in ast.walk(function) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return read - bound
 
 
 def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
