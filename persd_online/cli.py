@@ -68,6 +68,98 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console():
+    """A rich console; tables are not squeezed to 80 columns when the output is a file or a pipe."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _offline_setup(args: argparse.Namespace):
+    """(config, model path, work dir) for the offline commands."""
+    from persd_online.models import resolve_model
+
+    config = load_config(args.config, args.overrides)
+    work = Path(config.runs_dir) / config.name / "offline"
+    work.mkdir(parents=True, exist_ok=True)
+    return config, resolve_model(config.student.model, config.cache_dir), work
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+    import json
+
+    from persd_online import offline
+    from persd_online.multistep import evaluate, table
+    from persd_online.tasks import load_tasks
+
+    config, model_path, work = _offline_setup(args)
+    spec = args.tasks or config.eval.tasks[0]
+    tasks = load_tasks(spec)[: args.limit or config.eval.limit]
+    student = offline.local_student(config.student, model_path, work / "student")
+    try:
+        version = offline.load_adapter(student, args.adapter)
+        sampling = dataclasses.replace(
+            student.default_sampling(), temperature=config.eval.temperature if args.temperature is None
+            else args.temperature, max_tokens=args.max_tokens or config.eval.max_new_tokens)
+        if sampling.temperature > 0:
+            sampling = dataclasses.replace(sampling, seed=config.seed)
+        with offline.open_pool(config) as pool:
+            result = asyncio.run(evaluate(
+                student, offline.PoolExecutor(pool), tasks, n=args.n or config.eval.n_samples, sampling=sampling,
+                refine_steps=args.refine_steps, fmt=config.student.prompt_format, version=version, task_set=spec))
+    finally:
+        student.shutdown()
+    result.extra = {"config_name": config.name, "method": config.method, "student": config.student.model,
+                    "adapter": str(args.adapter) if args.adapter else None,
+                    "offline": offline.offline_info(args.adapter)}
+    _console().print(table(result))
+    if args.out:
+        from persd_online import atomic
+
+        atomic.write_text(args.out, json.dumps(result.to_json(), indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from persd_online.collect import collect
+
+    config, model_path, work = _offline_setup(args)
+    stats = collect(config, model_path, args.method, args.out, adapter=args.adapter, cache_dir=args.cache_dir,
+                    work_dir=work, n=args.n)
+    print(", ".join(f"{k}: {v}" for k, v in stats.items() if not isinstance(v, dict)))
+    print(f"wrote {stats['examples']} {args.method} examples to {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from persd_online import offline
+
+    config, model_path, _ = _offline_setup(args)
+    examples = offline.read_examples(args.data)
+    stats_file = Path(str(args.data) + ".stats.json")
+    info = {"data": str(args.data), **(json.loads(stats_file.read_text()) if stats_file.is_file() else {})}
+    versions = offline.train_offline(config, model_path, examples, args.out, epochs=args.epochs, info=info)
+    print(f"trained on {len(examples)} examples for {args.epochs} epoch(s); published versions {versions} "
+          f"under {Path(args.out) / 'adapters'}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from persd_online.compare import compare_table, load_entries, plot
+
+    entries = load_entries(args.inputs)
+    _console().print(compare_table(entries))
+    if args.plot:
+        plot(entries, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -108,6 +200,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="humaneval | mbpp | mbpp:{prompt,test,validation,train} | PATH.jsonl")
     p.add_argument("--export", type=Path, metavar="OUT.jsonl", help="write the tasks as user-format JSONL")
     p.set_defaults(func=_cmd_tasks)
+
+    p = sub.add_parser("eval", help="pass@k, one-step and multi-step (PERsD two-step), of the student or an adapter",
+                       description="Sample the student (or --adapter) on a task set, score on the hidden tests: "
+                                   "pass@k (unbiased estimator), pass@1 after each self-refinement step on the seen "
+                                   "tests' feedback, and the equal-budget baseline of independent samples.")
+    _add_config_args(p)
+    p.add_argument("--adapter", type=Path, help="a published adapter version dir, or a dir holding adapters/ "
+                                                "(its newest version); default: the base student")
+    p.add_argument("--tasks", help="humaneval | mbpp[:split] | PATH.jsonl (default: the config's first eval set)")
+    p.add_argument("--n", type=int, help="samples per task (default: eval.n_samples)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: eval.temperature)")
+    p.add_argument("--max-tokens", type=int, help="max new tokens per sample (default: eval.max_new_tokens)")
+    p.add_argument("--refine-steps", type=int, default=0, metavar="K",
+                   help="multi-step inference: up to K self-refinements on the seen tests' feedback (default 0)")
+    p.add_argument("--limit", type=int, help="first L tasks (default: eval.limit)")
+    p.add_argument("--out", type=Path, metavar="RESULT.json", help="write the result as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("collect", help="the paper's one-shot data collection for one method",
+                       description="Attempt every pool task with the base student (or --adapter), execute in the "
+                                   "sandbox, refine failures through the configured teacher (cached), verify, and "
+                                   "write the method's training examples as JSONL.")
+    _add_config_args(p)
+    p.add_argument("--method", required=True, choices=["stand", "inpd", "persd", "persd_refine", "persd_combine"])
+    p.add_argument("--out", required=True, type=Path, metavar="DATA.jsonl")
+    p.add_argument("--adapter", type=Path, help="attempt with this adapter instead of the base student")
+    p.add_argument("--cache-dir", type=Path, help="teacher cache (default: RUNS_DIR/NAME/teacher_cache, shared "
+                                                  "with the online run of the same config)")
+    p.add_argument("--n", type=int, help="attempts per task (default: student.samples_per_task)")
+    p.set_defaults(func=_cmd_collect)
+
+    p = sub.add_parser("train", help="offline LoRA training on a collected data set",
+                       description="Train the trainer's LoRA adapter on DATA.jsonl for E epochs, publishing "
+                                   "versions under ADAPTER_DIR/adapters/.")
+    _add_config_args(p)
+    p.add_argument("--data", required=True, type=Path, metavar="DATA.jsonl")
+    p.add_argument("--out", required=True, type=Path, metavar="ADAPTER_DIR")
+    p.add_argument("--epochs", type=int, default=1)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("compare", help="one table (and plot) across run directories and eval results",
+                       description="Compare runs (directories with summary.json) and `eval --out` results: "
+                                   "method, adapter, teacher cost, pass@1 one-step and multi-step.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="RUN_OR_EVAL")
+    p.add_argument("--plot", type=Path, metavar="OUT.png", help="also write a bar chart")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 
