@@ -80,17 +80,21 @@ async def refine_failures(teacher: Teacher, executor: Executor, tasks: Sequence[
 def build_examples(method: Method, tasks: Sequence[Task], attempts: Sequence[Attempt], verdicts: Sequence[Verdict],
                    outcomes: dict[str, RefinementOutcome], tokenizer: ChatTemplate,
                    fmt: PromptFormat) -> list[Example]:
-    """The method's examples: `stand` from the tasks alone, the others from each scored attempt."""
+    """The method's examples: `stand` from the tasks alone, the others from each scored attempt (identical
+    prompt and completion kept once)."""
     if method == "stand":
         return stand_examples(tasks, tokenizer, fmt)
     by_id = {t.task_id: t for t in tasks}
     examples: list[Example] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str, str]] = set()
     for attempt, verdict in zip(attempts, verdicts, strict=True):
         for example in attempt_examples(method, by_id[attempt.task_id], attempt, verdict,
                                         outcomes.get(attempt.attempt_id), tokenizer, fmt):
-            if example.example_id not in seen:  # inpd: two failed samples of a task give the same example
-                seen.add(example.example_id)
+            # Same text from another sample (inpd: every failed sample of a task gives the reference) is kept
+            # once, with the first sample's lineage: a duplicate would only weigh the task more.
+            key = (example.method, example.prompt, example.completion)
+            if key not in seen:
+                seen.add(key)
                 examples.append(example)
     return examples
 
