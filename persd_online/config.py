@@ -131,7 +131,7 @@ class TrainerConfig(_Section):
     max_batch_tokens: int = Field(2048, ge=64, description="Token budget of a packed micro-batch.")
     grad_accum_steps: int = Field(1, ge=1)
     max_seq_len: int = Field(1024, ge=64)
-    publish_every_steps: int = Field(6, ge=1)
+    publish_every_steps: int = Field(4, ge=1)
     publish_every_s: float | None = Field(None, gt=0, description="Also publish after this many seconds.")
     checkpoint_every_steps: int = Field(24, ge=1)
     replay_fraction: float = Field(0.5, ge=0, lt=1, description="Share of each batch drawn from replay.")
@@ -161,11 +161,11 @@ class EvalConfig(_Section):
     """Held-out evaluation of the current adapter."""
 
     tasks: list[str] = Field(default_factory=lambda: ["humaneval"], description="Held-out task sets.")
-    limit: int | None = Field(40, ge=1, description="Tasks per held-out set (None: all).")
+    limit: int | None = Field(20, ge=1, description="Tasks per held-out set (None: all).")
     n_samples: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0)
-    max_new_tokens: int = Field(384, ge=1)
-    every_versions: int = Field(2, ge=1, description="Evaluate every K adapter versions.")
+    max_new_tokens: int = Field(320, ge=1)
+    every_versions: int = Field(4, ge=1, description="Evaluate every K adapter versions.")
     num_cpus: float = Field(0.1, ge=0)
 
 
@@ -185,7 +185,7 @@ class RayConfig(_Section):
 class BudgetConfig(_Section):
     """When a run stops (whichever comes first)."""
 
-    max_wall_s: float | None = Field(1080.0, gt=0)
+    max_wall_s: float | None = Field(900.0, gt=0)
     max_attempts: int | None = Field(None, ge=1)
     max_examples: int | None = Field(None, ge=1)
     max_versions: int | None = Field(None, ge=1)

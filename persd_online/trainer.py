@@ -254,9 +254,13 @@ class LoraTrainer:
         self._pending.losses.append(loss)
 
     # --- versions out -------------------------------------------------------------------------------------
+    def pending_steps(self) -> int:
+        """Optimizer steps taken since the last published version."""
+        return len(self._pending.losses)
+
     def publish_due(self) -> bool:
         """Whether the configured step count or interval since the last version has passed."""
-        steps = len(self._pending.losses)
+        steps = self.pending_steps()
         every_s = self.config.publish_every_s
         return steps >= self.config.publish_every_steps or (
             steps > 0 and every_s is not None and time.monotonic() - self._pending.since >= every_s)
@@ -363,7 +367,7 @@ class TrainerActor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.trainer = LoraTrainer(config, model_path, root)
         self.queue = queue
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by the last step taken under the stop path
         self._stop = threading.Event()
         self._running = False
         self._done = threading.Event()
@@ -381,7 +385,7 @@ class TrainerActor:
             with self._lock:
                 if self.trainer.fresh:
                     self._step()
-                if self.trainer._pending.losses:
+                if self.trainer.pending_steps():
                     self.trainer.publish()
                 self.trainer.save_checkpoint()
         finally:

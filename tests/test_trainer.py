@@ -205,6 +205,19 @@ def test_trainer_actor_streams_from_a_ray_queue(student_model, tmp_path, tokeniz
         assert stats["train_steps"] == 2 and stats["examples_trained"] == 4 and stats["version"] == 1
         assert stats["loss"] > 0 and stats["train_tokens_per_s"] > 0
         assert published_versions(tmp_path / "adapters") == [1]
+        # A second actor over the same directory resumes; stopping with one example pending trains it in a
+        # last step and publishes it, so nothing handed to the trainer is lost.
+        ray.kill(actor)
+        actor = start_trainer(make_config(batch_examples=2), student_model, tmp_path, queue)
+        assert ray.get(actor.stats.remote())["train_steps"] == 2
+        running = actor.run.remote()
+        queue.put(examples(tokenizer, version=1)[0].model_copy(update={"example_id": "new"}))
+        while queue.qsize():
+            time.sleep(0.5)
+        stats = ray.get(actor.stop.remote(), timeout=300)
+        ray.get(running, timeout=60)
+        assert stats["train_steps"] == 3 and stats["version"] == 2
+        assert published_versions(tmp_path / "adapters") == [1, 2]
         assert json.loads((tmp_path / "checkpoints" / "trainer.json").read_text())["latest"]
     finally:
         ray.shutdown()
