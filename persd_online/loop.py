@@ -55,6 +55,7 @@ T = TypeVar("T")
 REPORT_EVERY_S = 5.0
 WATCH_EVERY_S = 1.0
 OUTAGE_BACKOFF_S = (2.0, 60.0)
+STUDENT_RESTART_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -149,7 +150,15 @@ class OnlineLoop:
     async def _reload_student(self) -> None:
         """A restarted student serves version 0 only; give it the version it served before (once)."""
         async with self._reload_lock:
-            served = await self.actors.student.latest_version.remote()
+            deadline = time.monotonic() + STUDENT_RESTART_TIMEOUT_S
+            while True:
+                try:
+                    served = await self.actors.student.latest_version.remote()
+                    break
+                except ray.exceptions.ActorUnavailableError:  # still restarting (its engine takes a while)
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(2.0)
             if served < self.student_version:
                 version = self.student_version
                 await self.actors.student.load_adapter.remote(version, str(self._adapter_dir(version)))
