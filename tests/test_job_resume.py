@@ -85,13 +85,13 @@ def test_submitted_job_killed_then_resumed(student_model, tmp_path, cluster) -> 
 
     resumed = subprocess.run(
         [BIN / "persd-online", "run", "--resume", str(root), "--set", f"ray.address={address}",
-         "--set", f"budget.max_versions={max(before) + 2}"],
+         "--set", f"budget.max_versions={max(before) + 1}"],
         env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = json.loads((root / "summary.json").read_text())
     after = published(root)
     assert all(after[v] == text for v, text in before.items())  # no version rewritten
-    assert max(after) >= max(before) + 2 and summary["adapters_published"] == max(after)
+    assert max(after) >= max(before) + 1 and summary["adapters_published"] == max(after)
     assert summary["attempts"] > checkpoint["counters"]["attempts"]  # counters continue from the checkpoint
     assert summary["heldout_pass1"][0] == [0, checkpoint["evals"][0]["pass1"]]  # the curve continues
     trained = [i for text in after.values() for i in json.loads(text)["example_ids"]]
