@@ -1,0 +1,129 @@
+"""Student generation throughput: vLLM (the student actor) versus plain transformers `generate`, in one run.
+
+The workload is the loop's own: first attempts, `n` samples for each of the first MBPP train tasks, chat
+format, the configured sampling (temperature 0.8, top-p 0.95), at most `max_new_tokens`, stopping at eos.
+Both sides get the same prompt token ids. transformers gets its best fair shot: one left-padded batch of
+every sequence, the KV cache, all cores; its tokens are counted up to and including each sequence's eos,
+as vLLM counts them, so padding after a finished sequence is cost, not output.
+
+Writes `benchmarks/results/student_generation.json` (key `ratio_vllm_over_hf`).
+Run: `python benchmarks/student_generation.py` (about 4 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from persd_online.atomic import write_text
+from persd_online.config import StudentConfig
+from persd_online.engine import Sampling
+from persd_online.models import prepare_model
+from persd_online.prompts import attempt_prompt, render
+from persd_online.student import start_student, stop_student
+from persd_online.tasks import Task, load_mbpp
+
+log = logging.getLogger("benchmarks.student_generation")
+RESULT = Path(__file__).parent / "results" / "student_generation.json"
+
+
+def run_vllm(config: StudentConfig, model: Path, tasks: list[Task], n: int) -> dict:
+    """Tokens/s of the student actor's `generate` (engine start and a warm-up excluded)."""
+    with tempfile.TemporaryDirectory(prefix="persd-bench-") as work:
+        actor = start_student(config, model, work)
+        try:
+            ray.get(actor.generate_prompts.remote(["Say hi."], Sampling(max_tokens=8)))  # warm-up
+            start = time.perf_counter()
+            attempts = ray.get(actor.generate.remote(tasks, n))
+            seconds = time.perf_counter() - start
+        finally:
+            stop_student(actor)
+    tokens = sum(a.completion_tokens for a in attempts)
+    return {"seconds": seconds, "completion_tokens": tokens, "sequences": len(attempts),
+            "tokens_per_s": tokens / seconds}
+
+
+def run_hf(config: StudentConfig, model_path: Path, tasks: list[Task], n: int) -> dict:
+    """Tokens/s of one batched, left-padded `generate` over the same prompts and sampling."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    texts = [render(attempt_prompt(t, "chat"), tokenizer) for t in tasks]
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    settings = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p,
+                "top_k": 0,  # transformers defaults to top-k 50; vLLM applies none
+                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    with torch.inference_mode():
+        model.generate(**tokenizer(texts[:2], add_special_tokens=False, padding=True, return_tensors="pt"),
+                       max_new_tokens=8, **settings)  # warm-up
+        torch.manual_seed(config.seed)
+        start = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=config.max_new_tokens, num_return_sequences=n, **settings)
+        seconds = time.perf_counter() - start
+    generated = out[:, batch.input_ids.shape[1]:]
+    finished = (generated == tokenizer.eos_token_id).int()
+    # Up to and including the first eos; the whole row if the sequence hit max_new_tokens.
+    lengths = torch.where(finished.any(dim=1), finished.argmax(dim=1) + 1, generated.shape[1])
+    tokens = int(lengths.sum())
+    return {"seconds": seconds, "completion_tokens": tokens, "sequences": int(generated.shape[0]),
+            "tokens_per_s": tokens / seconds, "batch_steps": int(generated.shape[1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=24)
+    parser.add_argument("--n", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    model = prepare_model()
+    tasks = load_mbpp("train")[:args.tasks]
+    config = StudentConfig(max_new_tokens=args.max_new_tokens, cpu_kvcache_gib=1, max_model_len=1024)
+    load_before = os.getloadavg()
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a throwaway local cluster: no token auth
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        vllm = run_vllm(config, model, tasks, args.n)
+    finally:
+        ray.shutdown()
+    log.info("vLLM: %.1f tokens/s", vllm["tokens_per_s"])
+    hf = run_hf(config, model, tasks, args.n)
+    log.info("transformers: %.1f tokens/s", hf["tokens_per_s"])
+    import transformers
+    import vllm as vllm_pkg
+
+    result = {
+        "ratio_vllm_over_hf": vllm["tokens_per_s"] / hf["tokens_per_s"],
+        "vllm": vllm,
+        "hf": hf,
+        "workload": {"model": model.name, "tasks": f"mbpp:train[:{args.tasks}]", "n": args.n,
+                     "prompt_format": "chat", "max_new_tokens": args.max_new_tokens,
+                     "temperature": config.temperature, "top_p": config.top_p, "stop": "eos"},
+        "vllm_settings": {"dtype": config.dtype, "enforce_eager": config.enforce_eager, "in_process": True,
+                          "VLLM_CPU_NUM_OF_RESERVED_CPU": 0, "lora": "every request on adapter version 0"},
+        "machine": {"device": "cpu", "gpu": None, "note": "no GPU in this session", "cpus": os.cpu_count(),
+                    "processor": platform.processor() or platform.machine(),
+                    "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                    "shared": "the cores were shared with other jobs; compare ratios, not absolute numbers"},
+        "versions": {"vllm": vllm_pkg.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
+    log.info("ratio vLLM/HF %.2f -> %s", result["ratio_vllm_over_hf"], args.out)
+
+
+if __name__ == "__main__":  # the engine starts worker processes that re-import this module
+    main()
