@@ -332,7 +332,9 @@ class LoraTrainer:
         self.scheduler.load_state_dict(optim["scheduler"])
         torch.set_rng_state(optim["torch_rng"])
         self.rng.setstate(optim["python_rng"])
-        # Never reuse a version number, also one published after this checkpoint was taken.
+        # Never reuse a version number, also one published after this checkpoint was taken; the steps the
+        # checkpoint had not yet published are then in that newer version already: do not publish them again.
+        newer_published = self.version > state["version"]
         self.version = max(state["version"], self.version)
         self.checkpoint_seq = state["checkpoint_seq"]
         self.stats = TrainerStats(**state["stats"])
@@ -340,7 +342,8 @@ class LoraTrainer:
         self.fresh = [Example(**e) for e in state["fresh"]]
         self.replay.load_state(state["replay"])
         pending = state["pending"]
-        self._pending = _Pending(pending["example_ids"], pending["losses"], pending["staleness_max"])
+        if not newer_published:
+            self._pending = _Pending(pending["example_ids"], pending["losses"], pending["staleness_max"])
         return True
 
     def report(self) -> dict[str, Any]:

@@ -221,3 +221,14 @@ def test_trainer_actor_streams_from_a_ray_queue(student_model, tmp_path, tokeniz
         assert json.loads((tmp_path / "checkpoints" / "trainer.json").read_text())["latest"]
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_resume_does_not_republish_steps_a_newer_version_holds(student_model, tmp_path, tokenizer) -> None:
+    first = LoraTrainer(make_config(), student_model, tmp_path)
+    first.add(examples(tokenizer))
+    first.train_step()
+    first.save_checkpoint()  # one step not yet published ...
+    first.publish()  # ... then published as v1 before the crash
+    resumed = LoraTrainer(make_config(), student_model, tmp_path)
+    assert resumed.version == 1 and resumed.pending_steps() == 0 and not resumed.publish_due()
