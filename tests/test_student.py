@@ -182,7 +182,9 @@ def test_versions_only_go_forward_and_must_match_their_directory(student_model, 
 def test_engine_env_sets_the_cpu_settings_only_for_an_in_process_cpu_engine(monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     cpu = engine_env(StudentConfig(cpu_kvcache_gib=1.5))
-    assert cpu == {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "2",
+    assert cpu == {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0",
                    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    unbound = engine_env(StudentConfig(cpu_cores=None))
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in unbound
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     assert engine_env(StudentConfig(num_gpus=1)) == {"RAY_AUTH_MODE": "token"}
