@@ -91,7 +91,9 @@ def main() -> None:
 
     model = prepare_model()
     tasks = load_mbpp("train")[:args.tasks]
-    config = StudentConfig(max_new_tokens=args.max_new_tokens, cpu_kvcache_gib=1, max_model_len=1024)
+    # Both sides get every core (the loop's default pins vLLM to core 0 to leave core 1 to the trainer).
+    config = StudentConfig(max_new_tokens=args.max_new_tokens, cpu_kvcache_gib=1, max_model_len=1024,
+                           cpu_cores=f"0-{(os.cpu_count() or 1) - 1}", num_cpus=os.cpu_count() or 1)
     load_before = os.getloadavg()
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a throwaway local cluster: no token auth
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

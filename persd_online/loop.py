@@ -113,7 +113,8 @@ class OnlineLoop:
         per_call = self.config.student.tasks_per_batch
         n = self.config.student.samples_per_task
         while not self.stop.is_set():
-            granted = self.gate.admit(per_call * n, self.student_version, self.trainer_version) // n * n
+            granted = self.gate.admit(per_call * n, self.student_version, self.trainer_version,
+                                      self._trainer_backlog) // n * n
             picks = self.curriculum.next(granted // n, self.student_version) if granted else []
             if len(picks) * n < granted:
                 self.gate.finish(granted - len(picks) * n)
@@ -260,9 +261,9 @@ class OnlineLoop:
         self.metrics.set("adapter_version", version)
         self.run_dir.event("swap", version=version, load_s=report.load_s, probe_s=report.probe_s,
                            logprob_delta=report.logprob_delta)
-        if version % self.config.eval.every_versions == 0:
-            await self._evaluate(version)
         self._check_budget()
+        if version % self.config.eval.every_versions == 0 and not self.stop.is_set():
+            await self._evaluate(version)  # once stopped, the wrap-up evaluates the final version instead
 
     async def _evaluate(self, version: int) -> list[EvalResult]:
         with self.metrics.busy("evaluator"):
@@ -296,7 +297,9 @@ class OnlineLoop:
         for name in ("loss", "train_tokens_per_s"):
             if stats.get(name) is not None:
                 self.metrics.set(name, stats[name])
-        self.metrics.set("queue_depth", self.actors.examples.qsize(), queue="examples")
+        queued = self.actors.examples.qsize()
+        self._trainer_backlog = queued + stats.get("fresh_pending", 0)  # the staleness gate's backlog term
+        self.metrics.set("queue_depth", queued, queue="examples")
         self.metrics.add_busy("trainer", stats.get("busy_s", 0.0) - self._trainer_busy)
         self._trainer_busy = stats.get("busy_s", 0.0)
 
@@ -353,6 +356,7 @@ class OnlineLoop:
         """Run until a budget or signal stops it; returns the summary."""
         self._pending_refinements: dict[str, int] = {}
         self._trainer_busy = 0.0
+        self._trainer_backlog = 0
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._finish, f"signal {sig.name}")

@@ -6,8 +6,10 @@ ones are dropped at the trainer and counted (`is_stale`).
 
 Admission keeps drops rare instead of merely counting them: the driver starts new generation only while
 (1) the student serves a version `u >= v - max_staleness` (else everything it makes is stale on arrival),
-and (2) the attempts in flight (generated but not yet trained or discarded) fit in what the trainer
-consumes before it moves `max_staleness + 1` versions on: `(max_staleness + 1) * examples_per_version`.
+and (2) the attempts in flight (admitted, not yet handed to the trainer) plus the trainer's backlog (examples
+handed over but not yet trained: its queue and its fresh buffer) fit in what the trainer consumes before it
+moves `max_staleness + 1` versions on: `(max_staleness + 1) * examples_per_version`. Without the backlog term,
+a burst of examples waiting at a slow trainer goes stale while new generation keeps adding to it.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ class StalenessGate:
     def capacity(self) -> int:
         return (self.max_staleness + 1) * self.examples_per_version
 
-    def admit(self, wanted: int, student_version: int, trainer_version: int) -> int:
-        """How many of `wanted` new attempts may start now; the caller must `finish` each one later."""
+    def admit(self, wanted: int, student_version: int, trainer_version: int, backlog: int = 0) -> int:
+        """How many of `wanted` new attempts may start now, with `backlog` examples waiting at the trainer;
+        the caller must `finish` each admitted attempt once its examples are handed to the trainer."""
         if trainer_version - student_version > self.max_staleness:
             return 0
-        granted = max(0, min(wanted, self.capacity - self.in_flight))
+        granted = max(0, min(wanted, self.capacity - self.in_flight - backlog))
         self.in_flight += granted
         return granted
 

@@ -16,7 +16,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from persd_online.tasks import Task
 
 ANSWER = "Here is the fix:\n```python\ndef add(a, b):\n    return a + b\n```\n"
 
@@ -80,6 +83,15 @@ class StubOpenAIServer:
             if self._script:
                 return self._script.popleft()
         return self.responder(body) if self.responder is not None else self.default
+
+
+def reference_reply(tasks: list[Task], body: dict[str, Any], delay_s: float = 0.0) -> Reply:
+    """A teacher's answer that is the reference solution of the task the request is about (found by its
+    prompt text in the last message), with token counts of about a quarter of the characters."""
+    text = body["messages"][-1]["content"]
+    task = next(t for t in tasks if t.prompt.strip() in text)
+    return Reply(content=f"Corrected:\n```python\n{task.reference}\n```", prompt_tokens=len(text) // 4,
+                 completion_tokens=len(task.reference or "") // 4, delay_s=delay_s)
 
 
 def _error(status: int, message: str, kind: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import pytest
 from persd_online.config import load_config
 from persd_online.run_dir import read_jsonl
 from persd_online.tasks import load_tasks
-from tests.openai_stub_server import Reply, StubOpenAIServer
+from tests.openai_stub_server import Reply, StubOpenAIServer, reference_reply
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +60,7 @@ class ReferenceTeacher:
         if self.outage_start is not None and now - self.outage_start < OUTAGE_S:
             self.refused += 1
             return Reply(status=503)
-        text = body["messages"][-1]["content"]
-        task = next(t for t in self.tasks if t.prompt.strip() in text)
-        return Reply(content=f"Corrected:\n```python\n{task.reference}\n```", prompt_tokens=len(text) // 4,
-                     completion_tokens=len(task.reference) // 4)
+        return reference_reply(self.tasks, body)
 
 
 def kill_student_once(done: threading.Event, after_s: float) -> threading.Thread:

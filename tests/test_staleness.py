@@ -23,6 +23,15 @@ def test_gate_bounds_in_flight_attempts():
     assert gate.admit(10, student_version=1, trainer_version=1) == 4
 
 
+def test_gate_counts_the_trainers_backlog():
+    gate = StalenessGate(max_staleness=1, examples_per_version=8)
+    assert gate.admit(10, student_version=0, trainer_version=0, backlog=12) == 4
+    assert gate.admit(10, student_version=0, trainer_version=0, backlog=12) == 0
+    gate.finish(4)  # handed over: now part of the backlog, which the trainer works off
+    assert gate.admit(10, student_version=0, trainer_version=0, backlog=16) == 0
+    assert gate.admit(10, student_version=0, trainer_version=0, backlog=6) == 10
+
+
 def test_gate_refuses_a_student_too_far_behind():
     gate = StalenessGate(max_staleness=1, examples_per_version=8)
     assert gate.admit(4, student_version=1, trainer_version=3) == 0
