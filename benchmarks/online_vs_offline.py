@@ -12,8 +12,8 @@ overlap with generation and training, and a sequential one cannot.
   the `collect` command's code); LoRA training on the verified `persd` examples (`offline.train_offline`,
   the `train` command's code, `--epochs`); held-out pass@1 of the trained adapter.
 - **online** (its own process): `persd-online run` on the same config, stopped by `budget.max_examples` at
-  the number of verified examples the offline side collected (`budget.max_wall_s` is only a safety cap),
-  with the held-out set scored at version 0 and at the end, as offline.
+  the number of distinct verified examples the offline side trained on (`budget.max_wall_s` is only a
+  safety cap), with the held-out set scored at version 0 and at the end, as offline.
 
 Both wall times include their start-up and both held-out evaluations. Each stage's busy fraction is its busy
 time over the wall time (offline stages never overlap, so theirs add up to at most 1). Teacher caches are
@@ -102,7 +102,9 @@ def run_offline(config: Config, epochs: int) -> dict[str, Any]:
         attempts = student.generate(heldout, config.eval.n_samples, eval_sampling, version)
         verdicts = asyncio.run(score(executor, heldout, attempts))
         clock.stage("evaluator", began)
-        return summarise("heldout", version, config.eval.n_samples, attempts, verdicts, 0.0).pass1
+        pass1 = summarise("heldout", version, config.eval.n_samples, attempts, verdicts, 0.0).pass1
+        log.info("offline: held-out pass@1 of v%d: %.3f (%.0f s)", version, pass1, time.monotonic() - began)
+        return pass1
 
     try:
         with offline.open_pool(config) as pool:
@@ -111,16 +113,22 @@ def run_offline(config: Config, epochs: int) -> dict[str, Any]:
             began = time.monotonic()
             attempts, verdicts = attempt_pool(student, executor, tasks, config.student.samples_per_task, sampling)
             clock.stage("student", began)
+            log.info("offline: %d attempts, %d passed (%.0f s)", len(attempts), sum(v.passed for v in verdicts),
+                     clock.busy["student"])
             began = time.monotonic()
             teacher = build_teacher(config.teacher, root / "teacher_cache")
             outcomes, _ = asyncio.run(refine_failures(teacher, executor, tasks, attempts, verdicts,
                                                       config.teacher.refine_rounds))
             clock.stage("teacher", began)
+            log.info("offline: %d refinements verified (%.0f s)",
+                     sum(o.verified is not None for o in outcomes.values()), clock.busy["teacher"])
             examples = build_examples("persd", tasks, attempts, verdicts, outcomes,
                                       AutoTokenizer.from_pretrained(model_path), config.student.prompt_format)
             began = time.monotonic()
             versions = offline.train_offline(config, model_path, examples, root / "trained", epochs=epochs)
             clock.stage("trainer", began)
+            log.info("offline: trained %d examples x %d epochs into v%d (%.0f s)", len(examples), epochs,
+                     versions[-1], clock.busy["trainer"])
             pass1.append([offline.load_adapter(student, root / "trained"), evaluate(versions[-1])])
     finally:
         student.shutdown()
@@ -187,7 +195,7 @@ def main(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(prefix="online-vs-offline-") as tmp, StubOpenAIServer(responder=teacher) as srv:
         offline = child(args, "offline", srv.base_url, Path(tmp))
-        target = offline["refinements_verified"]
+        target = offline["examples"]  # distinct verified examples (a task's identical refinements count once)
         if not target:
             raise SystemExit("the offline side verified no refinement: nothing to compare")
         online = child(args, "online", srv.base_url, Path(tmp), target_examples=target,

@@ -74,6 +74,10 @@ class GenerationEngine(Protocol):
         """Log-prob of each prompt token after the first given its prefix; `None`: the bare base model."""
         ...
 
+    def metrics(self) -> dict[str, float]:
+        """The engine's own metrics by name (vLLM's, summed over labels); empty where none are read here."""
+        ...
+
     def shutdown(self) -> None:
         """Release the engine's processes, memory and connections."""
         ...
@@ -106,6 +110,9 @@ def engine_env(config: StudentConfig) -> dict[str, str]:
     return env
 
 SHUTDOWN_TIMEOUT_S = 30.0
+# vLLM's own Prometheus metrics that the student re-publishes to the Ray dashboard (counters are totals).
+ENGINE_METRICS = ("vllm:prompt_tokens", "vllm:generation_tokens", "vllm:num_requests_running",
+                  "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:num_preemptions")
 
 
 def _lora_id(version: int) -> int:
@@ -133,6 +140,7 @@ class VllmEngine:
             # One worker in this process; never "ray" (fails on CPU and starts a nested Ray cluster).
             distributed_executor_backend="uni",
             seed=config.seed,
+            disable_log_stats=False,  # keeps vLLM's metrics (`get_metrics`) and its periodic throughput log
         )
         self._requests: dict[int, LoRARequest] = {}
 
@@ -173,6 +181,15 @@ class VllmEngine:
 
     def adapters(self) -> set[int]:
         return {lora_id - 1 for lora_id in self._llm.llm_engine.list_loras()}
+
+    def metrics(self) -> dict[str, float]:
+        from vllm.v1.metrics.reader import Counter, Gauge
+
+        totals: dict[str, float] = {}
+        for metric in self._llm.get_metrics():
+            if metric.name in ENGINE_METRICS and isinstance(metric, (Counter, Gauge)):
+                totals[metric.name] = totals.get(metric.name, 0.0) + metric.value
+        return totals
 
     def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
         from vllm import SamplingParams

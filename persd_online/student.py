@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -160,6 +161,7 @@ class Student:
                                      add_special_tokens=False).input_ids
         self.engine.add_adapter(0, zero)
         self._paths = {0: zero}
+        self._gauges: dict[str, Any] = {}
         self._probes = {0: self.engine.prompt_logprobs(self._probe, 0)}
         log.info("student ready: %s, backend %s, serving version 0 (zero adapter at %s)",
                  model_path.name, config.backend, zero)
@@ -249,7 +251,23 @@ class Student:
         `version`: None for the latest, one version for all prompts, or one per prompt.
         """
         versions = self._versions(version, len(prompts))
-        return self.engine.generate([self._encode(p) for p in prompts], versions, n, sampling)
+        outputs = self.engine.generate([self._encode(p) for p in prompts], versions, n, sampling)
+        self.engine_metrics()
+        return outputs
+
+    def engine_metrics(self) -> dict[str, float]:
+        """The engine's own metrics (`engine.ENGINE_METRICS`); in a Ray worker also set as the dashboard
+        gauges `persd_vllm_<name>`, refreshed after every generation call."""
+        values = self.engine.metrics()
+        if ray.is_initialized() and values:
+            from ray.util.metrics import Gauge
+
+            for name, value in values.items():
+                if name not in self._gauges:
+                    key = name.replace(":", "_")
+                    self._gauges[name] = Gauge(f"persd_{key}", description=f"vLLM's {name} of the student engine")
+                self._gauges[name].set(value)
+        return values
 
     def generate(self, tasks: Sequence[Task], n: int | None = None, sampling: Sampling | None = None,
                  version: int | None = None) -> list[Attempt]:

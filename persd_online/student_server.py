@@ -114,6 +114,11 @@ class ServerEngine:
         served = {m.id for m in self._client.models.list().data}
         return {version for version, name in self._names.items() if name in served}
 
+    def metrics(self) -> dict[str, float]:
+        """None read here: the server publishes its own Prometheus metrics at `/metrics` for the cluster's
+        scraper."""
+        return {}
+
     def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
         model = self._base if version is None else self._name(version)
         response = self._client.completions.create(model=model, prompt=list(token_ids), max_tokens=1,

@@ -43,6 +43,9 @@ class ScriptedEngine:
         self.effects: dict[int, float] = {}
         self.calls: list[tuple[list[list[int]], list[int], int, Sampling]] = []
 
+    def metrics(self) -> dict[str, float]:
+        return {}
+
     def generate(self, prompts: Sequence[Sequence[int]], versions: Sequence[int], n: int,
                  sampling: Sampling) -> list[list[Generation]]:
         self.calls.append(([list(p) for p in prompts], list(versions), n, sampling))

@@ -67,7 +67,12 @@ def greedy_texts(student, prompt, versions: list[int]) -> list[str]:
 
 
 def test_attempts_hold_the_extracted_program_token_counts_and_version(student):
+    before = ray.get(student.engine_metrics.remote())
     attempts = ray.get(student.generate.remote(TASKS, 2))
+    after = ray.get(student.engine_metrics.remote())  # vLLM's own counters, as the dashboard gets them
+    generated = after["vllm:generation_tokens"] - before["vllm:generation_tokens"]
+    assert generated == sum(a.completion_tokens for a in attempts)
+    assert after["vllm:prompt_tokens"] - before["vllm:prompt_tokens"] >= sum(a.prompt_tokens for a in attempts) // 2
     assert [(a.task_id, a.sample_index) for a in attempts] == [(t.task_id, i) for t in TASKS for i in (0, 1)]
     assert len({a.attempt_id for a in attempts}) == 4
     assert all(a.adapter_version == 0 and a.prompt_format == "chat" for a in attempts)
