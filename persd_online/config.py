@@ -160,12 +160,12 @@ class CurriculumConfig(_Section):
 class EvalConfig(_Section):
     """Held-out evaluation of the current adapter."""
 
-    tasks: list[str] = Field(default_factory=lambda: ["humaneval"], description="Held-out task sets.")
+    tasks: list[str] = Field(default_factory=lambda: ["humaneval", "mbpp:test"], description="Held-out task sets.")
     limit: int | None = Field(20, ge=1, description="Tasks per held-out set (None: all).")
     n_samples: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(320, ge=1)
-    every_versions: int = Field(4, ge=1, description="Evaluate every K adapter versions.")
+    every_versions: int = Field(6, ge=1, description="Evaluate every K adapter versions.")
     num_cpus: float = Field(0.1, ge=0)
 
 

@@ -23,7 +23,7 @@ from persd_online.evaluator import EvaluatorActor, check_disjoint
 from persd_online.executor import SandboxExecutor
 from persd_online.loop import Actors, LoopState, OnlineLoop
 from persd_online.models import resolve_model
-from persd_online.report import build_report
+from persd_online.report import base_vs_final, build_report
 from persd_online.run_dir import RunDir
 from persd_online.student import start_student, stop_student
 from persd_online.tasks import Task, load_tasks
@@ -114,7 +114,8 @@ def _execute(config: Config, run: RunDir, state: LoopState | None) -> dict[str, 
 
 def describe(root: Path, summary: dict[str, Any]) -> str:
     """A few lines for the terminal: what the run did and where its results are."""
-    curve = ", ".join(f"v{v}: {p:.3f}" for v, p in summary["heldout_pass1"])
+    curve = "; ".join(f"{name} v{a['adapter_version']} {a['pass1']:.3f} -> v{b['adapter_version']} {b['pass1']:.3f}"
+                      for name, (a, b) in sorted(base_vs_final(summary["heldout"]).items()))
     before, after = summary["trained_task_pass_before"], summary["trained_task_pass_after"]
     trained = "n/a" if before is None else f"{before:.3f} -> {after:.3f}"
     return (f"run {root} stopped: {summary['stop_reason']}\n"
@@ -123,7 +124,8 @@ def describe(root: Path, summary: dict[str, Any]) -> str:
             f"{summary['refinements_verified']} verified refinements, {summary['examples_trained']} examples "
             f"trained in {summary['train_steps']} steps\n"
             f"  adapters: {summary['adapters_published']} published, {summary['adapters_loaded_by_student']} "
-            f"loaded by the student; held-out pass@1 by version: {curve}\n"
+            f"loaded by the student\n"
+            f"  held-out pass@1, base student -> trained adapter: {curve}\n"
             f"  greedy pass rate on the {summary['trained_tasks']} trained tasks, v0 -> final: {trained}\n"
             f"  summary: {root / 'summary.json'}; report: {root / 'report'}")
 

@@ -3,7 +3,8 @@
 - `learning_curve.png`: held-out pass@1 against teacher calls and against wall time, one line per task set
   (from the `eval` events);
 - `stage_utilisation.png`: each stage's busy fraction over time (from `metrics.jsonl`);
-- `summary.md`: the figures of `summary.json` as a table.
+- `summary.md`: held-out pass@1 of the base student against the final adapter, then the figures of
+  `summary.json` as a table.
 """
 
 from __future__ import annotations
@@ -55,9 +56,26 @@ def _utilisation(snapshots: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def _summary_markdown(summary: dict[str, Any]) -> str:
+def base_vs_final(evals: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Per held-out task set, its first evaluation (the base student, version 0 on a fresh run) and its last
+    (the final adapter), from `eval` events in run order."""
+    pairs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for e in evals:
+        first = pairs.get(e["task_set"], (e, e))[0]
+        pairs[e["task_set"]] = (first, e)
+    return pairs
+
+
+def _summary_markdown(summary: dict[str, Any], evals: list[dict[str, Any]]) -> str:
+    text = "# Run summary\n\n"
+    pairs = base_vs_final(evals)
+    if pairs:
+        text += "## Held-out pass@1: base student vs trained adapter\n\n| task set | base | trained |\n|---|---|---|\n"
+        text += "".join(f"| {name} | v{a['adapter_version']}: {a['pass1']:.3f} | v{b['adapter_version']}: "
+                        f"{b['pass1']:.3f} |\n" for name, (a, b) in sorted(pairs.items()))
+        text += "\n"
     rows = [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in summary.items()]
-    return "# Run summary\n\n| figure | value |\n|---|---|\n" + "\n".join(rows) + "\n"
+    return text + "## Figures\n\n| figure | value |\n|---|---|\n" + "\n".join(rows) + "\n"
 
 
 def build_report(run_root: str | Path) -> list[Path]:
@@ -76,6 +94,6 @@ def build_report(run_root: str | Path) -> list[Path]:
         written.append(out / "stage_utilisation.png")
     if (root / "summary.json").exists():
         summary = json.loads((root / "summary.json").read_text())
-        (out / "summary.md").write_text(_summary_markdown(summary))
+        (out / "summary.md").write_text(_summary_markdown(summary, evals))
         written.append(out / "summary.md")
     return written

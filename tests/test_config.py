@@ -25,9 +25,9 @@ def test_cluster_example_validates():
 
 
 def test_overrides_parse_yaml_values():
-    config = load_config(None, ["trainer.lr=1e-4", "eval.tasks=[humaneval, mbpp:test]", "teacher.cache=false",
+    config = load_config(None, ["trainer.lr=1e-4", "eval.tasks=[mbpp:test, humaneval]", "teacher.cache=false",
                                 "trainer.lora.r=8"])
-    assert config.trainer.lr == 1e-4 and config.eval.tasks == ["humaneval", "mbpp:test"]
+    assert config.trainer.lr == 1e-4 and config.eval.tasks == ["mbpp:test", "humaneval"]
     assert config.teacher.cache is False and config.trainer.lora.r == 8
 
 

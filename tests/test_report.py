@@ -22,3 +22,4 @@ def test_report_from_run_files(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     text = (run.root / "report" / "summary.md").read_text()
     assert "| adapters_published | 3 |" in text and json.dumps([[0, 0.05], [2, 0.1]]) in text
+    assert "| humaneval | v0: 0.050 | v2: 0.100 |" in text and "| mbpp:test | v0: 0.050 | v2: 0.100 |" in text
