@@ -135,6 +135,9 @@ def run_offline(config: Config, epochs: int) -> dict[str, Any]:
     info = json.loads((root / "trained" / offline.OFFLINE_INFO).read_text())
     return {
         "wall_s": round(time.monotonic() - clock.start, 1), "stage_busy_fraction": clock.fractions(),
+        "phases_s": {"start": round(clock.busy["start"], 1), "evaluations": round(clock.busy["evaluator"], 1),
+                     "work (generate, refine, train, publish)": round(
+                         clock.busy["student"] + clock.busy["teacher"] + clock.busy["trainer"], 1)},
         "attempts": len(attempts), "attempts_passed": sum(v.passed for v in verdicts),
         "teacher_calls": sum(len(o.rounds) for o in outcomes.values()),
         "refinements_verified": sum(o.verified is not None for o in outcomes.values()),
@@ -160,11 +163,18 @@ def run_online(config: Config) -> dict[str, Any]:
         root, summary = driver.run(config)
     finally:
         ray.shutdown()
-    final_eval = max(e["t"] for e in read_jsonl(root / "events.jsonl") if e["kind"] == "eval")
+    evals = sorted((e for e in read_jsonl(root / "events.jsonl") if e["kind"] == "eval"), key=lambda e: e["t"])
+    first, final = evals[0], evals[-1]
+    phases = {  # what the offline side's stage clock shows as start / evaluator / the rest
+        "start": round(first["t"] - first["eval_wall_s"] - start, 1),
+        "evaluations": round(sum(e["eval_wall_s"] for e in evals), 1),
+        "work (generate, refine, train, publish)": round(final["t"] - final["eval_wall_s"] - first["t"], 1),
+    }
     keys = ("stage_busy_fraction", "attempts", "attempts_passed", "teacher_calls", "refinements_verified",
             "examples_trained", "train_steps", "adapters_published", "adapters_loaded_by_student", "heldout_pass1",
             "trained_task_pass_before", "trained_task_pass_after", "stop_reason")
-    return {"wall_s": round(final_eval - start, 1), "loop_wall_s": summary["wall_s"]} | {k: summary[k] for k in keys}
+    return {"wall_s": round(final["t"] - start, 1), "phases_s": phases, "loop_wall_s": summary["wall_s"]} | {
+        k: summary[k] for k in keys}
 
 
 def side_main(args: argparse.Namespace) -> None:

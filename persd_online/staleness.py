@@ -8,8 +8,9 @@ Admission keeps drops rare instead of merely counting them: the driver starts ne
 (1) the student serves a version `u >= v - max_staleness` (else everything it makes is stale on arrival),
 and (2) the attempts in flight (admitted, not yet handed to the trainer) plus the trainer's backlog (examples
 handed over but not yet trained: its queue and its fresh buffer) fit in what the trainer consumes before it
-moves `max_staleness + 1` versions on: `(max_staleness + 1) * examples_per_version`. Without the backlog term,
-a burst of examples waiting at a slow trainer goes stale while new generation keeps adding to it.
+publishes past `u + max_staleness`: `(max_staleness + 1 - (v - u)) * examples_per_version`. The trainer
+trains in arrival order, so the backlog moves it on before any new attempt's example is reached; without the
+backlog and lag terms, a burst waiting at a slow trainer went stale while generation kept adding to it.
 """
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ class StalenessGate:
 
     @property
     def capacity(self) -> int:
+        """Attempts that may be in flight when the student serves the trainer's newest version."""
         return (self.max_staleness + 1) * self.examples_per_version
 
     def admit(self, wanted: int, student_version: int, trainer_version: int, backlog: int = 0) -> int:
         """How many of `wanted` new attempts may start now, with `backlog` examples waiting at the trainer;
         the caller must `finish` each admitted attempt once its examples are handed to the trainer."""
-        if trainer_version - student_version > self.max_staleness:
+        lag = trainer_version - student_version
+        if lag > self.max_staleness:
             return 0
-        granted = max(0, min(wanted, self.capacity - self.in_flight - backlog))
+        room = self.capacity - lag * self.examples_per_version - self.in_flight - backlog
+        granted = max(0, min(wanted, room))
         self.in_flight += granted
         return granted
 

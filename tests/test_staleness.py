@@ -32,6 +32,13 @@ def test_gate_counts_the_trainers_backlog():
     assert gate.admit(10, student_version=0, trainer_version=0, backlog=6) == 10
 
 
+def test_a_lagging_student_gets_only_what_trains_before_its_version_expires():
+    gate = StalenessGate(max_staleness=2, examples_per_version=8)
+    assert gate.admit(30, student_version=4, trainer_version=5) == 16  # v5 and v6 still accept v4's examples
+    gate.finish(16)
+    assert gate.admit(30, student_version=4, trainer_version=6, backlog=4) == 4
+
+
 def test_gate_refuses_a_student_too_far_behind():
     gate = StalenessGate(max_staleness=1, examples_per_version=8)
     assert gate.admit(4, student_version=1, trainer_version=3) == 0
