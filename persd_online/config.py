@@ -185,7 +185,7 @@ class RayConfig(_Section):
 class BudgetConfig(_Section):
     """When a run stops (whichever comes first)."""
 
-    max_wall_s: float | None = Field(900.0, gt=0)
+    max_wall_s: float | None = Field(840.0, gt=0)
     max_attempts: int | None = Field(None, ge=1)
     max_examples: int | None = Field(None, ge=1)
     max_versions: int | None = Field(None, ge=1)

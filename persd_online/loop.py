@@ -431,7 +431,8 @@ class OnlineLoop:
             "examples_trained": int(c["examples_trained"]),
             "train_steps": int(c["train_steps"]),
             "stale_dropped": int(c["stale_dropped"]),
-            "heldout_pass1": [[e["adapter_version"], e["pass1"]] for e in self.evals],
+            "heldout_pass1": [[e["adapter_version"], e["pass1"]] for e in self.evals
+                              if e["task_set"] == self.config.eval.tasks[0]],
             "heldout": self.evals,
             "trained_tasks": len(self.trained_tasks),
             "trained_task_pass_before": before,
