@@ -114,7 +114,7 @@ class OnlineLoop:
         n = self.config.student.samples_per_task
         while not self.stop.is_set():
             granted = self.gate.admit(per_call * n, self.student_version, self.trainer_version,
-                                      self._trainer_backlog) // n * n
+                                      self._trainer_backlog, unit=n)
             picks = self.curriculum.next(granted // n, self.student_version) if granted else []
             if len(picks) * n < granted:
                 self.gate.finish(granted - len(picks) * n)

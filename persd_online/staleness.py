@@ -36,14 +36,16 @@ class StalenessGate:
         """Attempts that may be in flight when the student serves the trainer's newest version."""
         return (self.max_staleness + 1) * self.examples_per_version
 
-    def admit(self, wanted: int, student_version: int, trainer_version: int, backlog: int = 0) -> int:
-        """How many of `wanted` new attempts may start now, with `backlog` examples waiting at the trainer;
-        the caller must `finish` each admitted attempt once its examples are handed to the trainer."""
+    def admit(self, wanted: int, student_version: int, trainer_version: int, backlog: int = 0,
+              unit: int = 1) -> int:
+        """How many of `wanted` new attempts may start now (a multiple of `unit`: the samples of one task), with
+        `backlog` examples waiting at the trainer; the caller must `finish` each admitted attempt once its
+        examples are handed to the trainer (or it was not made after all)."""
         lag = trainer_version - student_version
         if lag > self.max_staleness:
             return 0
         room = self.capacity - lag * self.examples_per_version - self.in_flight - backlog
-        granted = max(0, min(wanted, room))
+        granted = max(0, min(wanted, room)) // unit * unit
         self.in_flight += granted
         return granted
 

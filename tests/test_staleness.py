@@ -39,6 +39,15 @@ def test_a_lagging_student_gets_only_what_trains_before_its_version_expires():
     assert gate.admit(30, student_version=4, trainer_version=6, backlog=4) == 4
 
 
+def test_gate_grants_whole_tasks_and_counts_only_what_it_grants():
+    gate = StalenessGate(max_staleness=1, examples_per_version=2)
+    for _ in range(5):  # room for 1 attempt, tasks of 2 samples: nothing granted, nothing leaks
+        assert gate.admit(12, student_version=1, trainer_version=1, backlog=3, unit=2) == 0
+    assert gate.in_flight == 0
+    assert gate.admit(12, student_version=1, trainer_version=1, backlog=1, unit=2) == 2
+    assert gate.in_flight == 2
+
+
 def test_gate_refuses_a_student_too_far_behind():
     gate = StalenessGate(max_staleness=1, examples_per_version=8)
     assert gate.admit(4, student_version=1, trainer_version=3) == 0
