@@ -102,6 +102,7 @@ class OnlineLoop:
         self.refine_queue: asyncio.Queue[tuple[Task, Attempt, Verdict]] = asyncio.Queue(self.gate.capacity)
         self.student_version = 0
         self.trainer_version = 0
+        self._trainer_backlog = 0  # examples waiting at the trainer, from its last stats (the gate's backlog)
         self.stop = asyncio.Event()
         self.stop_reason = ""
         self._reload_lock = asyncio.Lock()
@@ -356,7 +357,6 @@ class OnlineLoop:
         """Run until a budget or signal stops it; returns the summary."""
         self._pending_refinements: dict[str, int] = {}
         self._trainer_busy = 0.0
-        self._trainer_backlog = 0
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._finish, f"signal {sig.name}")

@@ -29,7 +29,8 @@ def data_file(*names: str) -> Path:
         for name in names:
             if (base / name).exists():
                 return base / name
-    pytest.skip(f"task data {names} not found")
+    raise FileNotFoundError(f"task data {names} not found under persd_online/data (vendored with the project) "
+                            f"or ../shared/data: the checkout is incomplete")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
