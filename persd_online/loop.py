@@ -44,6 +44,7 @@ from persd_online.metrics import LoopMetrics, ProgressDisplay
 from persd_online.records import Attempt, Verdict
 from persd_online.run_dir import RunDir
 from persd_online.staleness import StalenessGate
+from persd_online.student import VersionNotLoadedError
 from persd_online.tasks import Task
 from persd_online.teacher import TeacherUnavailable
 from persd_online.trainer import fresh_per_version, published_versions
@@ -135,16 +136,20 @@ class OnlineLoop:
             self._check_budget()
 
     async def _student_call(self, tasks: list[Task], n: int) -> list[Attempt]:
-        return await self._with_student(lambda: self.actors.student.generate.remote(tasks, n))
+        # pinned to the version the loop believes is served: a student that restarted unnoticed (killed
+        # while idle, the call queued for its new incarnation) holds only version 0 and refuses the call
+        return await self._with_student(
+            lambda: self.actors.student.generate.remote(tasks, n, None, self.student_version))
 
     async def _with_student(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Make a call that reaches the student; if the student died, wait for Ray's restart, give it back
-        the version it served, and make the call once more."""
+        """Make a call that reaches the student; if the student died (the call failed with it, or a restarted
+        student does not hold the version the call asks for), wait for Ray's restart, give it back the version
+        it served, and make the call once more."""
         try:
             return await call()
-        except ray.exceptions.RayActorError as exc:
-            log.warning("the student actor died (%s); re-sending adapter v%d after its restart",
-                        str(exc).splitlines()[0], self.student_version)
+        except (ray.exceptions.RayActorError, VersionNotLoadedError) as exc:
+            log.warning("the student actor died or restarted (%s); re-sending adapter v%d",
+                        str(getattr(exc, "cause", exc)).splitlines()[0], self.student_version)
             self.run_dir.event("student_restart", version=self.student_version)
             await self._reload_student()
             return await call()
@@ -195,7 +200,7 @@ class OnlineLoop:
                 backoff = OUTAGE_BACKOFF_S[0]
             except TeacherUnavailable as exc:
                 await self.refine_queue.put((task, attempt, verdict))
-                await self._pause_refinement(str(exc), backoff)
+                await self._pause_refinement(str(getattr(exc, "cause", exc)), backoff)  # Ray's wrapper: the message
                 backoff = min(backoff * 2, OUTAGE_BACKOFF_S[1])
                 continue
             except BudgetExhausted as exc:

@@ -17,7 +17,9 @@ Invariants:
   an adapter that silently never takes effect is the failure this guards against (cf. veRL #7495);
 - each `Attempt` names the version that generated it; a call fixes its versions when it starts;
 - the actor runs one call at a time over a synchronous engine, so a swap waits for the running call.
-  After an actor restart the student serves version 0 until the loop loads the latest version again.
+  After an actor restart the student holds version 0 only until the loop loads the latest version again;
+  a call pinned to a newer version fails with VersionNotLoadedError meanwhile, which is how the loop notices
+  a restart that no failed call showed it (the student was killed while idle).
 """
 
 from __future__ import annotations

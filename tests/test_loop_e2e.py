@@ -37,9 +37,11 @@ def e2e_overrides(runs_dir: Path, base_url: str) -> list[str]:
         "student.max_new_tokens=256", "student.tasks_per_batch=6",
         "teacher.kind=openai", f"teacher.base_url={base_url}", "teacher.model=stub-teacher",
         "teacher.max_retries=1", "teacher.backoff_initial_s=0.2", "teacher.timeout_s=20",
-        "trainer.lr=1e-3", "trainer.warmup_steps=0", "trainer.publish_every_steps=2",
-        "trainer.checkpoint_every_steps=4", "checkpoint_every_s=30",
-        "budget.max_versions=4", "budget.max_wall_s=420",
+        # 16 steps at a constant 1e-3: offline, 18 such steps on these tasks' six reference solutions took
+        # greedy re-attempts from 1/6 to 6/6; 8 steps (two per version) were not always enough
+        "trainer.lr=1e-3", "trainer.warmup_steps=0", "trainer.publish_every_steps=4",
+        "trainer.checkpoint_every_steps=8", "checkpoint_every_s=30",
+        "budget.max_versions=4", "budget.max_wall_s=540",
     ]
 
 
@@ -63,14 +65,19 @@ class ReferenceTeacher:
         return reference_reply(self.tasks, body)
 
 
-def kill_student_once(done: threading.Event, after_s: float) -> threading.Thread:
-    """SIGKILL the student actor's process once, `after_s` seconds in (a crash Ray must recover from)."""
+def kill_student_once(done: threading.Event, events_file: Path) -> threading.Thread:
+    """SIGKILL the student actor's process once, right after it first loads an adapter (a crash Ray must
+    recover from, at a point where re-sending the latest adapter matters), whatever the loop's speed."""
+
+    def swapped() -> bool:
+        return events_file.is_file() and '"kind": "swap"' in events_file.read_text()
 
     def work() -> None:
         from ray.util.state import list_actors
 
-        if done.wait(after_s):
-            return
+        while not swapped():
+            if done.wait(1.0):
+                return
         for actor in list_actors(filters=[("class_name", "=", "Student"), ("state", "=", "ALIVE")]):
             os.kill(actor.pid, signal.SIGKILL)
             return
@@ -90,8 +97,9 @@ def run(student_model, tmp_path_factory):
     teacher = ReferenceTeacher()
     done = threading.Event()
     with StubOpenAIServer(responder=teacher) as server:
-        config = load_config(None, e2e_overrides(tmp_path_factory.mktemp("runs"), server.base_url))
-        kill_student_once(done, after_s=150.0)
+        runs_dir = tmp_path_factory.mktemp("runs")
+        config = load_config(None, e2e_overrides(runs_dir, server.base_url))
+        kill_student_once(done, runs_dir / config.name / "events.jsonl")
         try:
             root, summary = driver.run(config)
         finally:
