@@ -93,6 +93,7 @@ def main() -> None:
     report.layers["rlimit_nproc"] = isolation.ACTIVE if nproc_limit else "ignored by the kernel for root"
     for name in PRELOADED_MODULES:
         importlib.import_module(name)
+    candidate.warm_up()
     gc.collect()
     gc.freeze()
     _Zygote(control, spec, report, job_user, nproc_limit).serve()

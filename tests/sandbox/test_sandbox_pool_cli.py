@@ -30,6 +30,14 @@ def test_batch_keeps_input_order_and_reports_each_result_once(pool: SandboxPool)
     assert results[1].feedback == "Input: 1 Output: 1 Expected: 2"
 
 
+def test_a_malformed_suite_fails_its_own_jobs_only(pool: SandboxPool) -> None:
+    broken = TestSuite("f", "def check(candidate):\n    assert candidate(1) ==\n")
+    results = pool.run_batch([Job("def f(x):\n    return 2 * x\n", s) for s in (broken, DOUBLES)])
+    assert results[0].status is Status.SANDBOX_ERROR and not results[0].passed
+    assert results[0].feedback.startswith("InvalidTests: tests: SyntaxError"), results[0].feedback
+    assert results[1].status is Status.PASSED
+
+
 def test_result_fields(pool: SandboxPool) -> None:
     result = pool.run("def f(x):\n    print('hello')\n    return 1 // (x - 3) if x == 3 else 2 * x\n", DOUBLES)
     assert result.status is Status.ERROR
