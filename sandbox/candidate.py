@@ -4,8 +4,9 @@ Nothing here is trusted. The program can rewrite any of it, write anything to th
 time; the judge only ever believes plain values it decodes itself, and decides every verdict on its side.
 Requests (judge → job, pickled by the trusted judge)::
 
-    ("load", program, names)           → ("started",), then ("ready", {name: description})
-                                         or ("load_error", type, message)
+    (on start, before any request)     → ("started",)
+    ("load", program, names, planned)  → ("ready", {name: description}) or ("load_error", type, message),
+                                         then the answers to the ``planned`` requests, in order, unasked
     ("call", handle, args, kwargs)     → description | ("raise", type, message, is_builtin)
     ("getattr", handle, name)          → description | ("raise", ...)
     ("setattr", handle, name, value)   → ("value", None) | ("raise", ...)
@@ -17,7 +18,9 @@ so objects the program defines (an MBPP ``Pair``, a tree ``Node``) stay in the j
 from __future__ import annotations
 
 import builtins
+import functools
 import io
+import itertools
 import os
 import pickle
 import socket
@@ -49,11 +52,11 @@ def serve(channel: socket.socket) -> NoReturn:
 
 
 def _serve(channel: socket.socket, table: list[object]) -> None:
+    wire.send_blocking(channel, wire.dump_plain(("started",)))
     request = wire.recv_blocking(channel)
     if request is None:
         return
-    _, program, names = pickle.loads(request)
-    wire.send_blocking(channel, wire.dump_plain(("started",)))
+    _, program, names, planned = pickle.loads(request)
     namespace: dict[str, object] = {"__name__": PROGRAM_MODULE_NAME, "__builtins__": builtins}
     try:
         exec(compile(program, "<program>", "exec"), namespace)  # noqa: S102 - this is the sandboxed process
@@ -64,7 +67,7 @@ def _serve(channel: socket.socket, table: list[object]) -> None:
     _flush_stdio()
     found = {name: _describe(namespace[name], table) for name in names if name in namespace}
     wire.send_blocking(channel, wire.dump_plain(("ready", found)))
-    while (request := wire.recv_blocking(channel)) is not None:
+    for request in itertools.chain(planned, iter(functools.partial(wire.recv_blocking, channel), None)):
         op, handle, *rest = _Unpickler(request, table).load()
         target = table[handle]
         try:
@@ -104,7 +107,8 @@ def warm_up() -> None:
     """
     judge, job = socket.socketpair()
     with judge, job:
-        requests = [("load", _WARM_UP_PROGRAM, ("f", "P")), ("call", 0, ([4, 9, 16, 3], ), {"k": 1}),
+        planned = (pickle.dumps(("call", 0, ([1, 2],), {}), protocol=pickle.HIGHEST_PROTOCOL),)
+        requests = [("load", _WARM_UP_PROGRAM, ("f", "P"), planned), ("call", 0, ([4, 9, 16, 3], ), {"k": 1}),
                     ("call", 0, (list(range(20)),), {}), ("call", 1, (3,), {}), ("getattr", 2, "a"),
                     ("setattr", 2, "a", [1]), ("call", 0, ("x",), {})]
         for request in requests:

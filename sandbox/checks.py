@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from sandbox.feedback import MAX_PART_CHARS, cap, render_error, render_io, show
 from sandbox.job import TestSuite
+from sandbox.plan import planned_requests
 from sandbox.remote import CandidateRaised, JobEnded, Session
 from sandbox.result import Status, TestOutcome
 
@@ -68,6 +69,7 @@ class CompiledSuite:
     is_test: tuple[bool, ...]  # steps that are setup statements inside check() are not tests
     program_names: tuple[str, ...]  # what to ask the program for; the entry point first
     modules: tuple[tuple[str, ModuleType], ...]
+    planned: tuple[bytes, ...] = ()  # requests the job may answer ahead (sandbox.plan)
 
 
 @dataclass
@@ -84,6 +86,7 @@ def compile_suite(suite: TestSuite) -> CompiledSuite:
     """Compile a suite (cached by value). Raises :class:`InvalidTests`."""
     prelude = _prompt_helpers(suite.prompt, suite.entry_point)
     setup = _parse(suite.setup, "setup")
+    check: ast.FunctionDef | None = None
     if isinstance(suite.tests, tuple):
         groups = [(_parse(t, f"test {i}").body, t) for i, t in enumerate(suite.tests)]
         module, check_name, param = ast.Module(body=[], type_ignores=[]), None, None
@@ -104,6 +107,9 @@ def compile_suite(suite: TestSuite) -> CompiledSuite:
     program_names = (suite.entry_point, *sorted(free - {suite.entry_point, *dict(modules)}))
     candidate_names = {suite.entry_point, *program_names, *([param] if param else [])}
     is_test = tuple(check_name is None or _is_test(body, candidate_names) for body, _ in groups)
+    before = [prelude, setup, *(n for n in module.body if n is not check)]
+    callees = {suite.entry_point, *([param] if param else [])}
+    planned = planned_requests(before, (body for body, _ in groups), callees, set(program_names))
     wrapped = [_wrap(i, body, candidate_names if is_test[i] else None) for i, (body, _) in enumerate(groups)]
     if check_name is None:
         module.body.extend(wrapped)
@@ -112,7 +118,7 @@ def compile_suite(suite: TestSuite) -> CompiledSuite:
     code = tuple(_compile(tree, name) for tree, name in ((prelude, "<prompt>"), (setup, "<setup>"),
                                                           (module, "<tests>")) if tree.body)
     tests = tuple(cap(textwrap.dedent(src).strip(), MAX_PART_CHARS) for _, src in groups)
-    return CompiledSuite(suite.entry_point, code, check_name, tests, is_test, program_names, modules)
+    return CompiledSuite(suite.entry_point, code, check_name, tests, is_test, program_names, modules, planned)
 
 
 def run_checks(suite: CompiledSuite, session: Session, stand_ins: dict[str, Any]) -> CheckRun:

@@ -12,6 +12,7 @@ type where safe, so ``except ValueError`` in a test still works); control-flow e
 from __future__ import annotations
 
 import builtins
+import collections
 import io
 import pickle
 from typing import Any
@@ -32,6 +33,13 @@ class JobEnded(BaseException):
         super().__init__(kind, detail)
         self.kind = kind
         self.detail = detail
+
+
+class PlanMismatch(BaseException):
+    """The tests made a request other than the next planned one (:mod:`sandbox.plan`): run again unplanned.
+
+    A ``BaseException`` so that ``except Exception`` in test code cannot swallow it.
+    """
 
 
 class CandidateRaised(Exception):
@@ -115,14 +123,18 @@ class Session:
         self.deadline = deadline
         self.ended: JobEnded | None = None
         self.last_call: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
+        self._planned: collections.deque[bytes] = collections.deque()  # answered ahead, not yet asked
+        self.off_plan = False
 
-    def load(self, program: str, names: tuple[str, ...]) -> dict[str, Any]:
-        """Have the job load the program; return stand-ins for those of ``names`` it defines.
+    def load(self, program: str, names: tuple[str, ...], planned: tuple[bytes, ...] = ()) -> dict[str, Any]:
+        """Have the job load the program, then answer the ``planned`` requests ahead; return stand-ins for
+        those of ``names`` it defines.
 
         Raises ``CandidateRaised`` if loading raised, ``JobEnded`` if the job stopped answering, and
         ``SandboxFailure`` if the job process never came up.
         """
-        self._send(pickle.dumps(("load", program, names), protocol=pickle.HIGHEST_PROTOCOL))
+        self._send(pickle.dumps(("load", program, names, planned), protocol=pickle.HIGHEST_PROTOCOL))
+        self._planned = collections.deque(planned)
         try:
             started = self._receive()
         except JobEnded as exc:
@@ -145,7 +157,13 @@ class Session:
             _Pickler(buf, self).dump((op, target._handle, *payload))
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise TypeError(f"cannot pass this value to the program: {exc}") from None
-        self._send(buf.getvalue())
+        if self.off_plan:
+            raise PlanMismatch()
+        if not self._planned:
+            self._send(buf.getvalue())
+        elif buf.getvalue() != self._planned.popleft():
+            self.off_plan = True  # for good: the job's answers no longer line up with the requests
+            raise PlanMismatch()
         reply = self._receive()
         if reply[0] == "raise" and len(reply) == 4:
             raise candidate_exception(*_strings(reply[1:3]), builtin=reply[3] is True)

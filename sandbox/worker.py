@@ -5,9 +5,10 @@ Pool ↔ worker messages (pickled, over a ``multiprocessing`` connection on a so
     pool → worker   ("jobs", [(index, attempts, Job), ...]) | ("stop",)
     worker → pool   ("hello", {layer: state}) | ("result", index, Result) | ("log", level, message)
 
-Per job the worker gives the zygote a fresh channel and two memory files for stdout/stderr, talks to the
-forked job process through a :class:`~sandbox.remote.Session` while the tests run here, then has the zygote
-kill and reap everything the job created. A harness failure (zygote died, job process never came up) restarts
+Per job the worker takes from the zygote the process it forked ahead (its channel and the memory files of its
+stdout/stderr), talks to it through a :class:`~sandbox.remote.Session` while the tests run here (the calls
+planned by :mod:`sandbox.plan` answered ahead; a request off the plan re-runs the job unplanned), then has
+the zygote kill and reap everything the job created. A harness failure (zygote died, job process never came up) restarts
 the zygote and retries the job once; a second failure is reported as ``sandbox_error``.
 """
 
@@ -31,11 +32,11 @@ from typing import Any
 
 from sandbox import wire
 from sandbox.checks import CheckRun, CompiledSuite, InvalidTests, compile_suite, run_checks, verdict
-from sandbox.errors import SandboxFailure
+from sandbox.errors import ProtocolError, SandboxFailure
 from sandbox.feedback import render_error
 from sandbox.isolation import LEFTOVER_PREFIX, IsolationConfig, PidsCgroup
 from sandbox.job import Job, Limits
-from sandbox.remote import CandidateRaised, JobEnded, Session
+from sandbox.remote import CandidateRaised, JobEnded, PlanMismatch, Session
 from sandbox.result import Result, Status, TestOutcome
 from sandbox.zygote import ZygoteSpec
 
@@ -103,13 +104,19 @@ class ZygoteHandle:
             raise SandboxFailure(f"zygote said {hello[0]!r} instead of hello")
         return hello[1]
 
-    def start_job(self, fds: list[int]) -> int:
+    def start_job(self) -> tuple[int, list[int]]:
+        """Hand the next job to the zygote's waiting process: its seq and [channel, stdout, stderr]."""
         self._seq += 1
         try:
-            socket.send_fds(self._control, [marshal.dumps(("run", self._seq))], fds)  # type: ignore[arg-type]
+            self._control.send(marshal.dumps(("run", self._seq)))  # type: ignore[union-attr]
         except OSError as exc:
             raise SandboxFailure(f"zygote unreachable: {exc}") from None
-        return self._seq
+        message, fds = self._receive_fds(time.monotonic() + _ZYGOTE_REAP_SECONDS)
+        if message != ("job", self._seq) or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            raise SandboxFailure(f"zygote answered {message!r} with {len(fds)} descriptors to run")
+        return self._seq, fds
 
     def finish(self, seq: int) -> JobExit:
         """End job ``seq`` (if it has not ended) and wait until everything it created is reaped."""
@@ -152,19 +159,30 @@ class ZygoteHandle:
         return self._cgroup.current() if self._cgroup else None
 
     def _receive(self, deadline: float) -> tuple[Any, ...]:
+        message, fds = self._receive_fds(deadline)
+        for fd in fds:  # descriptors come only with "job"
+            os.close(fd)
+        return message
+
+    def _receive_fds(self, deadline: float) -> tuple[tuple[Any, ...], list[int]]:
         assert self._control is not None
         poller = select.poll()
         poller.register(self._control, select.POLLIN)
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not poller.poll(remaining * 1000):
             raise SandboxFailure("zygote did not answer in time")
-        data = self._control.recv(65536)
+        data, fds, _, _ = socket.recv_fds(self._control, 65536, 3)
         if not data:
             raise SandboxFailure("zygote exited")
-        message = wire.load_plain(data)
+        try:
+            message = wire.load_plain(data)
+        except ProtocolError:
+            message = ()
         if type(message) is not tuple or not message:
+            for fd in fds:
+                os.close(fd)
             raise SandboxFailure("malformed zygote message")
-        return message
+        return message, fds
 
 
 class Judge:
@@ -195,7 +213,11 @@ class Judge:
         failure = ""
         for attempt in range(1, attempts + 1):
             try:
-                return self._attempt(job.program, suite, attempt)
+                try:
+                    return self._attempt(job.program, suite, attempt, suite.planned)
+                except PlanMismatch:
+                    logger.debug("the tests left the plan of %s; running it again unplanned", suite.entry_point)
+                    return self._attempt(job.program, suite, attempt, ())
             except SandboxFailure as exc:
                 failure = str(exc)
                 logger.warning("sandbox failure (attempt %d of %d): %s; restarting the zygote",
@@ -208,21 +230,20 @@ class Judge:
         return Result(Status.SANDBOX_ERROR, render_error("SandboxError", failure), _not_run(suite),
                       time.monotonic() - start, attempts=attempts)
 
-    def _attempt(self, program: str, suite: CompiledSuite, attempt: int) -> Result:
+    def _attempt(self, program: str, suite: CompiledSuite, attempt: int, planned: tuple[bytes, ...]) -> Result:
         start = time.monotonic()
-        ours, theirs = socket.socketpair()
-        out = os.memfd_create("stdout", os.MFD_CLOEXEC)
-        err = os.memfd_create("stderr", os.MFD_CLOEXEC)
+        seq, (channel, out, err) = self._zygote.start_job()
+        ours = socket.socket(fileno=channel)
         try:
-            with theirs:
-                seq = self._zygote.start_job([theirs.fileno(), out, err])
             session = Session(wire.DeadlineChannel(ours, MAX_FRAME_BYTES), start + self._limits.timeout)
             try:
-                stage = self._load_and_check(program, suite, session)
+                stage = self._load_and_check(program, suite, session, planned)
             except SandboxFailure as exc:
                 raise SandboxFailure(f"{exc}; job stderr: {_tail(err, 500)!r}") from None
             finally:
                 exit_info = self._zygote.finish(seq)
+            if session.off_plan:  # even if a test swallowed the PlanMismatch
+                raise PlanMismatch()
             ended = self._ending(session.ended, exit_info) if session.ended is not None else None
             if isinstance(stage, CheckRun):
                 status, feedback, tests = verdict(suite, stage, ended)
@@ -238,11 +259,11 @@ class Judge:
             os.close(err)
 
     @staticmethod
-    def _load_and_check(program: str, suite: CompiledSuite,
-                        session: Session) -> CheckRun | tuple[Status, str] | None:
+    def _load_and_check(program: str, suite: CompiledSuite, session: Session,
+                        planned: tuple[bytes, ...]) -> CheckRun | tuple[Status, str] | None:
         """Load the program and run the tests: (status, feedback) if loading failed, None if the job ended."""
         try:
-            stand_ins = session.load(program, suite.program_names)
+            stand_ins = session.load(program, suite.program_names, planned)
         except CandidateRaised as exc:
             return (Status.MEMORY if exc.type_name == "MemoryError" else Status.ERROR,
                     render_error(exc.type_name, exc.message))

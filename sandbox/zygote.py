@@ -6,13 +6,18 @@ programs commonly use, freezes them out of the garbage collector, and then serve
 a ``SOCK_SEQPACKET`` socket (marshal-encoded tuples)::
 
     zygote → worker   ("hello", {layer: state})                        once, when ready
-    worker → zygote   ("run", seq) + descriptors [channel, stdout, stderr]
+    worker → zygote   ("run", seq)
+    zygote → worker   ("job", seq) + descriptors [channel, stdout, stderr]
     zygote → worker   ("done", seq, wait_status, max_rss_kb, cpu_s)    when the job is over
     worker → zygote   ("kill", seq)                                    end the job now
 
-Invariants: one job at a time; before "done" is sent, every process the job created is dead and reaped; the
-zygote never runs program code and never reads anything a job writes. The job's exit is noticed through a
-pidfd, so a job whose descendants keep its channel open still ends promptly.
+The next job's process is forked ahead, as soon as the previous one is reaped: it enters the job sandbox and
+waits on its channel, so fork and sandbox set-up overlap the worker's own work instead of delaying the job.
+
+Invariants: one job at a time, and at most one more process forked ahead that has run no program code;
+before "done" is sent, every process the job created is dead and reaped (the next one is forked only
+after); the zygote never runs program code and never reads anything a job writes. The job's exit is
+noticed through a pidfd, so a job whose descendants keep its channel open still ends promptly.
 """
 
 from __future__ import annotations
@@ -130,6 +135,15 @@ def _paths_python_needs() -> list[str]:
     return sorted({os.path.realpath(p) for p in roots if p and os.path.exists(p)})
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A forked job process waiting for its program, and the descriptors the worker gets for it."""
+
+    pid: int
+    workdir: str
+    fds: list[int]  # the judge's end of the channel, the stdout and stderr memory files
+
+
 class _Zygote:
     def __init__(self, control: socket.socket, spec: ZygoteSpec, report: isolation.IsolationReport,
                  job_user: tuple[int, int] | None, nproc_limit: int | None) -> None:
@@ -147,26 +161,30 @@ class _Zygote:
         self._send(("hello", report.layers))
 
     def serve(self) -> None:
+        job = self._prepare()
         while True:
             message, fds = self._receive()
+            for fd in fds:
+                os.close(fd)
             if message is None:
                 return
-            if message[0] == "run" and len(fds) == 3:
-                self._run_job(message[1], fds)
-            else:
-                for fd in fds:
-                    os.close(fd)
+            if message[0] == "run":
+                self._run_job(message[1], job)
+                job = self._prepare()  # while the worker reads the verdict and fetches the next job
 
-    def _run_job(self, seq: int, fds: list[int]) -> None:
+    def _prepare(self) -> _Prepared:
+        """Fork the next job's process: sandboxed, its stdio and channel in place, waiting for the program."""
         workdir = self._make_workdir()
+        judge_end, job_end = socket.socketpair()
+        stdout = os.memfd_create("stdout", os.MFD_CLOEXEC)
+        stderr = os.memfd_create("stderr", os.MFD_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             try:
                 self._control.close()
-                channel, stdout, stderr = fds
                 if not self._private_tmp:
                     os.environ["HOME"] = os.environ["TMPDIR"] = workdir
-                stdio_and_channel = (self._devnull, stdout, stderr, channel)
+                stdio_and_channel = (self._devnull, stdout, stderr, job_end.fileno())
                 isolation.enter_job_sandbox(self._spec.limits, stdio_and_channel, workdir, self._job_user,
                                             self._nproc_limit, new_session=not self._pid1)
                 candidate.serve(socket.socket(fileno=3))
@@ -174,14 +192,21 @@ class _Zygote:
                 traceback.print_exc()
             finally:
                 os._exit(EXIT_SETUP_FAILED)
-        for fd in fds:
-            os.close(fd)
-        self._wait_for_end(pid, seq)
-        status, rusage = self._reap(pid)
+        job_end.close()
+        return _Prepared(pid, workdir, [judge_end.detach(), stdout, stderr])
+
+    def _run_job(self, seq: int, job: _Prepared) -> None:
+        try:
+            socket.send_fds(self._control, [marshal.dumps(("job", seq))], job.fds)
+        finally:
+            for fd in job.fds:
+                os.close(fd)
+        self._wait_for_end(job.pid, seq)
+        status, rusage = self._reap(job.pid)
         if self._private_tmp:
             isolation.wipe_scratch(isolation.SCRATCH, isolation.WORKDIR)
         else:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(job.workdir, ignore_errors=True)
         self._send(("done", seq, status, rusage.ru_maxrss, rusage.ru_utime + rusage.ru_stime))
 
     def _make_workdir(self) -> str:

@@ -342,19 +342,24 @@ def test_floods_and_garbage_are_capped_and_decoded(batch: tuple) -> None:
 
 
 def test_no_process_outlives_its_job(batch: tuple, host: Host, pool: SandboxPool) -> None:
-    leftovers = []
+    leftovers, ahead = [], []
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes()
-            uid = int((proc / "status").read_text().split("\nUid:")[1].split()[0])
-        except (OSError, IndexError):
+            status = (proc / "status").read_text()
+        except OSError:
             continue
-        if host.marker.encode() in cmdline or uid >= 1_000_000_000:
+        uid = int(status.split("\nUid:")[1].split()[0])
+        if host.marker.encode() in cmdline:
             leftovers.append((proc.name, cmdline))
+        elif uid >= 1_000_000_000:  # the job user: only the process each zygote forked for the next job
+            ahead.append(int(status.split("\nPPid:")[1].split()[0]))
     assert leftovers == []
+    assert len(ahead) == len(set(ahead)), ahead  # at most one per zygote: nothing a job left behind
     if pool.isolation.active("cgroup_pids"):
         groups = list(Path("/sys/fs/cgroup/pids").rglob(f"persd-sandbox-{os.getpid()}-*/pids.current"))
-        assert groups and all(int(g.read_text()) == 2 for g in groups)  # each worker's zygote pair only
+        # each worker's zygote pair and the one process forked ahead for its next job
+        assert groups and all(int(g.read_text()) == 3 for g in groups)
 
 
 def test_host_files_and_harness_are_intact(batch: tuple, host: Host, pool: SandboxPool) -> None:

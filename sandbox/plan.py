@@ -1,0 +1,86 @@
+"""Calls known before the tests run, which the job process answers ahead of time (fewer round trips).
+
+Most tests are plain assert lines that call the function with literal arguments
+(``assert candidate([1, 2], 3) == 5``). So, before the tests run, the judge can know the first requests they
+will make: it sends them with the program, and the job process answers each one, in order, right after
+loading the program, exactly as it would have when asked. While the tests run, every request the judge makes
+is compared, as pickled bytes, with the next planned one: equal, its answer is read from the channel (usually
+already there); different, the attempt is void (the job ran a call the tests did not make) and the judge
+runs the job again without a plan. Only arguments are planned; expected values never leave the judge.
+
+Rule: the plan is the longest prefix of the test steps, in order, in which every step either mentions no
+name of the program (it makes no request) or is one ``assert`` whose only mention of a program name is one
+direct call of the entry point with literal arguments, not under a short-circuit, a conditional, a
+comprehension or a lambda (it might not run, or run more than once), and whose value is neither called nor
+has an attribute taken (on a stand-in that would be one more request). Nothing that runs before the steps
+(setup, module-level test code) may mention a program name.
+"""
+
+from __future__ import annotations
+
+import ast
+import pickle
+from collections.abc import Iterable
+
+_UNSURE = (ast.BoolOp, ast.IfExp, ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp,
+           ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)
+ENTRY_HANDLE = 0  # the job describes the entry point first, so a function there is its object 0
+
+
+def planned_requests(before: Iterable[ast.AST], steps: Iterable[list[ast.stmt]], callees: set[str],
+                     program_names: set[str]) -> tuple[bytes, ...]:
+    """The pickled ``call`` requests of the plan (see the module docstring), in order.
+
+    ``callees`` are the names that stand for the entry point (it, and the check function's parameter);
+    ``program_names`` every name that resolves to the program.
+    """
+    names = callees | program_names
+    if any(_mentions(tree, names) for tree in before):
+        return ()
+    plan: list[bytes] = []
+    for body in steps:
+        mentions = [n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name) and n.id in names]
+        if not mentions:
+            continue
+        request = _planned_call(body, mentions, callees)
+        if request is None:
+            break
+        plan.append(request)
+    return tuple(plan)
+
+
+def _planned_call(body: list[ast.stmt], mentions: list[ast.Name], callees: set[str]) -> bytes | None:
+    if len(body) != 1 or not isinstance(body[0], ast.Assert) or len(mentions) != 1 or mentions[0].id not in callees:
+        return None
+    parents = {child: node for node in ast.walk(body[0]) for child in ast.iter_child_nodes(node)}
+    call = parents.get(mentions[0])
+    if not isinstance(call, ast.Call) or call.func is not mentions[0]:
+        return None
+    user = parents.get(call)
+    if isinstance(user, ast.Attribute) or (isinstance(user, ast.Call) and user.func is call):
+        return None
+    node: ast.AST = call
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, _UNSURE):
+            return None
+    if any(k.arg is None for k in call.keywords):
+        return None
+    try:
+        for value in (*call.args, *(k.value for k in call.keywords)):
+            ast.literal_eval(value)  # literals only (a Starred argument is refused here too)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    # Evaluated as one compiled expression, like the test's own code, so equal constants are shared the same
+    # way and the pickled bytes match those of the real call.
+    expression = ast.Expression(ast.Tuple(elts=[
+        ast.Tuple(elts=list(call.args), ctx=ast.Load()),
+        ast.Dict(keys=[ast.Constant(k.arg) for k in call.keywords], values=[k.value for k in call.keywords]),
+    ], ctx=ast.Load()))
+    args, kwargs = eval(compile(ast.fix_missing_locations(expression), "<plan>", "eval"),  # noqa: S307
+                        {"__builtins__": {}})
+    return pickle.dumps(("call", ENTRY_HANDLE, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _mentions(tree: ast.AST, names: set[str]) -> bool:
+    return any(isinstance(n, ast.Name) and n.id in names for n in ast.walk(tree))
