@@ -242,6 +242,9 @@ class OnlineLoop:
             self.run_dir.event("example", example_id=example.example_id, task_id=task.task_id,
                                method=example.method, version=example.adapter_version)
             self.trained_tasks.add(task.task_id)
+        # Counted as backlog at once: otherwise, until the next pull of the trainer's figures replaces this
+        # estimate, they would be in neither term of the gate, and it would admit a batch that goes stale.
+        self._trainer_backlog += len(examples)
         self.gate.finish()
         self._done_with(task.task_id)
 
@@ -297,13 +300,13 @@ class OnlineLoop:
             await asyncio.sleep(REPORT_EVERY_S)
 
     async def _pull_trainer_stats(self) -> None:
+        queued = self.actors.examples.qsize()  # before the stats: an example moving meanwhile counts twice, not 0
         stats = await self.actors.trainer.stats.remote()
         for name in ("examples_trained", "train_steps", "stale_dropped"):
             self.metrics.counters[name] = stats[name]
         for name in ("loss", "train_tokens_per_s"):
             if stats.get(name) is not None:
                 self.metrics.set(name, stats[name])
-        queued = self.actors.examples.qsize()
         self._trainer_backlog = queued + stats.get("fresh_pending", 0)  # the staleness gate's backlog term
         self.metrics.set("queue_depth", queued, queue="examples")
         self.metrics.add_busy("trainer", stats.get("busy_s", 0.0) - self._trainer_busy)
