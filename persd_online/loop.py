@@ -104,6 +104,7 @@ class OnlineLoop:
         self.student_version = 0
         self.trainer_version = 0
         self._trainer_backlog = 0  # examples waiting at the trainer, from its last stats (the gate's backlog)
+        self._trainer_starved = False  # it waits for examples to fill a step, none on the way (its last stats)
         self.stop = asyncio.Event()
         self.stop_reason = ""
         self._reload_lock = asyncio.Lock()
@@ -116,7 +117,7 @@ class OnlineLoop:
         n = self.config.student.samples_per_task
         while not self.stop.is_set():
             granted = self.gate.admit(per_call * n, self.student_version, self.trainer_version,
-                                      self._trainer_backlog, unit=n)
+                                      self._trainer_backlog, unit=n, starved=self._trainer_starved)
             picks = self.curriculum.next(granted // n, self.student_version) if granted else []
             if len(picks) * n < granted:
                 self.gate.finish(granted - len(picks) * n)
@@ -245,6 +246,7 @@ class OnlineLoop:
         # Counted as backlog at once: otherwise, until the next pull of the trainer's figures replaces this
         # estimate, they would be in neither term of the gate, and it would admit a batch that goes stale.
         self._trainer_backlog += len(examples)
+        self._trainer_starved = self._trainer_starved and not examples
         self.gate.finish()
         self._done_with(task.task_id)
 
@@ -308,6 +310,7 @@ class OnlineLoop:
             if stats.get(name) is not None:
                 self.metrics.set(name, stats[name])
         self._trainer_backlog = queued + stats.get("fresh_pending", 0)  # the staleness gate's backlog term
+        self._trainer_starved = queued == 0 and not stats.get("ready", True)
         self.metrics.set("queue_depth", queued, queue="examples")
         self.metrics.add_busy("trainer", stats.get("busy_s", 0.0) - self._trainer_busy)
         self._trainer_busy = stats.get("busy_s", 0.0)

@@ -11,6 +11,10 @@ handed over but not yet trained: its queue and its fresh buffer) fit in what the
 publishes past `u + max_staleness`: `(max_staleness + 1 - (v - u)) * examples_per_version`. The trainer
 trains in arrival order, so the backlog moves it on before any new attempt's example is reached; without the
 backlog and lag terms, a burst waiting at a slow trainer went stale while generation kept adding to it.
+(3) Progress: when nothing is in flight and the trainer is starved (it waits for examples to fill a step),
+one task's attempts are admitted whatever the room: only they can move it, and it cannot publish before
+that step, so they are not stale. Without this, a step bigger than the room left (a cold replay buffer
+wants a whole batch of fresh examples) waited for examples the gate would never admit.
 """
 
 from __future__ import annotations
@@ -37,14 +41,17 @@ class StalenessGate:
         return (self.max_staleness + 1) * self.examples_per_version
 
     def admit(self, wanted: int, student_version: int, trainer_version: int, backlog: int = 0,
-              unit: int = 1) -> int:
+              unit: int = 1, starved: bool = False) -> int:
         """How many of `wanted` new attempts may start now (a multiple of `unit`: the samples of one task), with
-        `backlog` examples waiting at the trainer; the caller must `finish` each admitted attempt once its
-        examples are handed to the trainer (or it was not made after all)."""
+        `backlog` examples waiting at the trainer (`starved`: it waits for more to fill a step); the caller
+        must `finish` each admitted attempt once its examples are handed to the trainer (or it was not made
+        after all)."""
         lag = trainer_version - student_version
         if lag > self.max_staleness:
             return 0
         room = self.capacity - lag * self.examples_per_version - self.in_flight - backlog
+        if starved and self.in_flight == 0:
+            room = max(room, unit)
         granted = max(0, min(wanted, room)) // unit * unit
         self.in_flight += granted
         return granted

@@ -349,7 +349,7 @@ class LoraTrainer:
     def report(self) -> dict[str, Any]:
         """The counters and last-step figures, plus the version and buffer sizes."""
         return vars(self.stats) | {"version": self.version, "replay_size": len(self.replay),
-                                   "fresh_pending": len(self.fresh)}
+                                   "fresh_pending": len(self.fresh), "ready": self.ready()}
 
 
 def _remove_tree(path: Path) -> None:

@@ -54,3 +54,14 @@ def test_gate_refuses_a_student_too_far_behind():
     assert gate.admit(4, student_version=2, trainer_version=3) == 4
     with pytest.raises(ValueError, match="only 4 are in flight"):
         gate.finish(5)
+
+
+def test_a_starved_trainer_gets_one_task_whatever_the_room():
+    # publish every step, 2 fresh per version: room 4; a cold replay buffer wants 4 fresh for its first step,
+    # and 3 examples wait there (one attempt of two tasks passed): room 1, less than a task of 2 samples.
+    gate = StalenessGate(max_staleness=1, examples_per_version=2)
+    assert gate.admit(12, student_version=0, trainer_version=0, backlog=3, unit=2) == 0
+    assert gate.admit(12, student_version=0, trainer_version=0, backlog=3, unit=2, starved=True) == 2
+    assert gate.admit(12, student_version=0, trainer_version=0, backlog=3, unit=2, starved=True) == 0  # one
+    gate.finish(2)
+    assert gate.admit(12, student_version=0, trainer_version=2, backlog=3, unit=2, starved=True) == 0  # lag
