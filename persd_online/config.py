@@ -98,6 +98,8 @@ class SandboxConfig(_Section):
     timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit per program.")
     memory_mb: int = Field(1024, ge=64, description="Address-space limit per program.")
     max_in_flight: int = Field(64, ge=1, description="Jobs queued per actor before callers wait.")
+    pin_cpus: bool | None = Field(None, description="Pin worker i (its zygote and jobs) to the actor's i-th usable "
+                                  "CPU; null: only when the workers cover every usable CPU.")
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
 

@@ -79,7 +79,7 @@ def _start_actors(config: Config, run: RunDir, heldout: dict[str, list[Task]],
     model_path = resolve_model(config.student.model, config.cache_dir)
     sandbox_actor = ray.remote(SandboxActor).options(num_cpus=config.sandbox.num_cpus, max_restarts=-1)
     sandbox = [sandbox_actor.remote(
-        config.sandbox.workers, config.sandbox.timeout_s, config.sandbox.memory_mb)
+        config.sandbox.workers, config.sandbox.timeout_s, config.sandbox.memory_mb, config.sandbox.pin_cpus)
         for _ in range(config.sandbox.num_actors)]
     executor = SandboxExecutor(sandbox, config.sandbox.timeout_s)
     student = start_student(config.student, model_path, run.root / "student")

@@ -82,7 +82,8 @@ def open_pool(config: Config) -> SandboxPool:
     """A sandbox pool with the config's limits (close it, or use it as a context manager)."""
     from sandbox.pool import SandboxPool
 
-    return SandboxPool(config.sandbox.workers, timeout=config.sandbox.timeout_s, memory_mb=config.sandbox.memory_mb)
+    return SandboxPool(config.sandbox.workers, timeout=config.sandbox.timeout_s, memory_mb=config.sandbox.memory_mb,
+                       pin_cpus=config.sandbox.pin_cpus)
 
 
 def seen_task(task: Task) -> Task | None:

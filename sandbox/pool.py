@@ -40,14 +40,15 @@ _STOP_SECONDS = 10.0
 class _WorkerProcess:
     """The pool's handle on one worker process."""
 
-    def __init__(self, name: str, limits: Limits, config: IsolationConfig) -> None:
+    def __init__(self, name: str, limits: Limits, config: IsolationConfig, cpu: int | None) -> None:
         ours, theirs = socket.socketpair()
         with theirs:
             self.proc = subprocess.Popen(boot_command("sandbox.worker", str(theirs.fileno()), name),
                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         self.name = name
+        self.cpu = cpu
         self.conn = Connection(ours.detach())
-        self.conn.send((limits, config))
+        self.conn.send((limits, config, cpu))
         self.queue: deque[int] = deque()  # indices sent and not yet answered, in order
         self.last_heard = time.monotonic()
         self.layers: dict[str, str] | None = None
@@ -81,15 +82,24 @@ class SandboxPool:
 
     ``workers`` defaults to the CPUs this process may use. Limits apply to every job. Not thread-safe for
     concurrent batches: calls are serialised.
+
+    ``pin_cpus`` pins worker *i* (with its zygote and jobs) to the *i*-th usable CPU, round robin. A job is a
+    chain of hand-offs (judge → zygote → job → judge); on one core each wake-up is immediate and the job's
+    copy-on-write pages are still in that core's cache, which measured ~20% more programs/s on a 2-core VM
+    (on an idle virtual CPU a cross-core wake-up waits for the hypervisor). ``None`` (the default) pins only
+    when the workers cover every usable CPU, so that a small pool never crowds onto CPUs others use.
     """
 
     def __init__(self, workers: int | None = None, *, timeout: float = 3.0, memory_mb: int = 1024,
                  max_processes: int = 32, max_open_files: int = 256, max_file_mb: int = 16,
-                 isolation: IsolationConfig | None = None, prefetch: int = 4) -> None:
+                 isolation: IsolationConfig | None = None, prefetch: int = 4, pin_cpus: bool | None = None) -> None:
         self.limits = Limits(timeout=timeout, memory_mb=memory_mb, max_processes=max_processes,
                              max_open_files=max_open_files, max_file_mb=max_file_mb)
         self._config = isolation or IsolationConfig()
-        self._size = workers or len(os.sched_getaffinity(0))
+        cpus = sorted(os.sched_getaffinity(0))
+        self._size = workers or len(cpus)
+        pin = self._size >= len(cpus) if pin_cpus is None else pin_cpus
+        self._cpus: list[int | None] = [cpus[i % len(cpus)] if pin else None for i in range(self._size)]
         self._prefetch = max(1, prefetch)
         # A worker that is silent this long is hung: two attempts, their cleanup, and a zygote restart.
         self._stall_seconds = 2 * (self.limits.timeout + 15.0) + 60.0
@@ -99,13 +109,14 @@ class SandboxPool:
         self._killed: set[str] = set()  # workers killed by us: their leftovers are removed when the pool closes
         self._finalizer = weakref.finalize(self, _stop_all, self._workers, self._killed)
         remove_leftovers()  # of pools that were killed before they could clean up
-        self._workers.extend(self._spawn() for _ in range(self._size))
+        self._workers.extend(self._spawn(cpu) for cpu in self._cpus)
         deadline = time.monotonic() + _START_SECONDS
         layers = [w.wait_hello(deadline) for w in self._workers]
         self.isolation = IsolationReport(layers[0])
         for warning in self.isolation.warnings():
             logger.warning("sandbox isolation: %s", warning)
-        logger.info("sandbox pool: %d workers; isolation %s", self._size, self.isolation.layers)
+        logger.info("sandbox pool: %d workers (CPUs %s); isolation %s", self._size,
+                    "unpinned" if self._cpus[0] is None else self._cpus, self.isolation.layers)
 
     def run(self, program: str, suite: TestSuite) -> Result:
         """Run one program against one suite."""
@@ -135,8 +146,8 @@ class SandboxPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _spawn(self) -> _WorkerProcess:
-        return _WorkerProcess(f"{os.getpid()}-{next(_worker_numbers)}", self.limits, self._config)
+    def _spawn(self, cpu: int | None) -> _WorkerProcess:
+        return _WorkerProcess(f"{os.getpid()}-{next(_worker_numbers)}", self.limits, self._config, cpu)
 
     def _replace(self, worker: _WorkerProcess) -> _WorkerProcess:
         logger.warning("sandbox worker %s died or hung; replacing it", worker.name)
@@ -145,7 +156,7 @@ class SandboxPool:
         worker.proc.wait(timeout=_STOP_SECONDS)
         worker.conn.close()
         self._killed.add(worker.name)
-        fresh = self._spawn()
+        fresh = self._spawn(worker.cpu)
         fresh.wait_hello(time.monotonic() + _START_SECONDS)
         self._workers[self._workers.index(worker)] = fresh
         return fresh

@@ -19,8 +19,8 @@ from sandbox.result import Result
 class SandboxActor:
     """Ray actor body: a local sandbox pool (wrap with `ray.remote(SandboxActor)`)."""
 
-    def __init__(self, workers: int, timeout: float, memory_mb: int) -> None:
-        self._pool = SandboxPool(workers, timeout=timeout, memory_mb=memory_mb)
+    def __init__(self, workers: int, timeout: float, memory_mb: int, pin_cpus: bool | None = None) -> None:
+        self._pool = SandboxPool(workers, timeout=timeout, memory_mb=memory_mb, pin_cpus=pin_cpus)
 
     def isolation(self) -> dict[str, str]:
         return self._pool.isolation.layers

@@ -318,12 +318,15 @@ class _ForwardToPool(logging.Handler):
 
 
 def main() -> None:
-    """Entry point of a worker process: ``python -c <boot> <fd> <name>``; the first message is its config."""
+    """Entry point of a worker process: ``python -c <boot> <fd> <name>``; the first message is its config
+    (limits, isolation, and the CPU to pin itself, its zygote and its jobs to, or None)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when workers stop
     conn = Connection(int(sys.argv[1]))
     logging.getLogger("sandbox").addHandler(_ForwardToPool(conn))
     logging.getLogger("sandbox").setLevel(logging.INFO)
-    limits, config = conn.recv()
+    limits, config, cpu = conn.recv()
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})  # before the zygote starts: it and every job inherit it
     judge = Judge(limits, config, sys.argv[2])
     try:
         conn.send(("hello", judge.start()))

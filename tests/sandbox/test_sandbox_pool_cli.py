@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -131,3 +132,19 @@ def test_cli_names_the_bad_line(tmp_path: Path) -> None:
     done = _sandbox_cli("run", "--tasks", str(tasks), "--programs", str(programs), "--out", str(tmp_path / "o"))
     assert done.returncode == 2
     assert f"{tasks}:1: field 'tests': " in done.stderr
+
+
+AFFINITY = TestSuite("f", ("assert f() == 0",))
+SHOW_AFFINITY = "import os\ndef f():\n    print(sorted(os.sched_getaffinity(0)))\n    return 0\n"
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_pinned_workers_run_their_jobs_on_their_own_cpu(pin: bool) -> None:
+    usable = sorted(os.sched_getaffinity(0))
+    with SandboxPool(workers=2, timeout=5.0, pin_cpus=pin) as pool:
+        jobs = [Job(SHOW_AFFINITY, AFFINITY)] * 6
+        seen = {r.stdout.strip() for r in pool.run_batch(jobs)}
+    if pin:
+        assert seen <= {str([usable[0]]), str([usable[1 % len(usable)]])}, seen
+    else:
+        assert seen == {str(usable)}
