@@ -111,9 +111,9 @@ class PidsCgroup:
         (path / "pids.max").write_text(str(max_pids))
         return cls(path)
 
-    @property
-    def procs_file(self) -> str:
-        return str(self.path / "cgroup.procs")
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` (and so every process it will create) into the group."""
+        (self.path / "cgroup.procs").write_text(str(pid))
 
     def current(self) -> int:
         return int((self.path / "pids.current").read_text())
@@ -172,12 +172,6 @@ def remove_leftovers(worker_names: set[str] | None = None) -> int:
             except OSError:
                 remaining += 1
     return remaining
-
-
-def join_cgroup(procs_file: str) -> None:
-    """Move the calling process (and so every process it will create) into a cgroup."""
-    with open(procs_file, "w") as f:
-        f.write(str(os.getpid()))
 
 
 def enter_worker_namespaces(report: IsolationReport, disabled: tuple[str, ...] = ()) -> None:

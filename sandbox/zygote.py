@@ -5,6 +5,8 @@ worker's (``/proc/self/environ`` included). It enters the worker-level isolation
 programs commonly use, freezes them out of the garbage collector, and then serves this control protocol on
 a ``SOCK_SEQPACKET`` socket (marshal-encoded tuples)::
 
+    worker → zygote   ("cgroup", state)                                once, first: the zygote is in its
+                                                                       pids cgroup ("active") or why not
     zygote → worker   ("hello", {layer: state})                        once, when ready
     worker → zygote   ("run", seq)
     zygote → worker   ("job", seq) + descriptors [channel, stdout, stderr]
@@ -58,8 +60,7 @@ class ZygoteSpec:
     control_fd: int
     limits: Limits
     namespaces: bool
-    cgroup_procs: str | None  # join this cgroup first, if given
-    cgroup_state: str  # "active" or why there is no cgroup
+    site_packages: tuple[str, ...]  # what jobs may import besides the standard library (no .pth files run)
     scratch_dir: str  # host directory for per-job working directories when there is no mount namespace
     outer_uid: int
     worker_pid: int
@@ -71,18 +72,19 @@ class ZygoteSpec:
     @classmethod
     def from_json(cls, text: str) -> ZygoteSpec:
         data = json.loads(text)
-        return cls(**{**data, "limits": Limits(**data["limits"]), "disabled": tuple(data.get("disabled", ()))})
+        return cls(**{**data, "limits": Limits(**data["limits"]), "site_packages": tuple(data["site_packages"]),
+                      "disabled": tuple(data["disabled"])})
 
 
 def main() -> None:
-    """Entry point of the zygote process: ``python -I -c <boot> <spec-json>``."""
+    """Entry point of the zygote process: ``python -I -S -c <boot> <spec-json>``."""
     spec = ZygoteSpec.from_json(sys.argv[1])
     sys.dont_write_bytecode = True
+    sys.path.extend(spec.site_packages)
     control = socket.socket(fileno=spec.control_fd)
     report = isolation.IsolationReport()
-    report.layers["cgroup_pids"] = spec.cgroup_state
-    if spec.cgroup_procs:
-        isolation.join_cgroup(spec.cgroup_procs)
+    cgroup = marshal.loads(control.recv(65536) or marshal.dumps(("cgroup", "the worker went away")))
+    report.layers["cgroup_pids"] = str(cgroup[1])  # no process is created before this point
     user_processes = isolation.count_user_processes(spec.outer_uid) if spec.outer_uid != 0 else 0
     if spec.namespaces:
         isolation.enter_worker_namespaces(report, spec.disabled)
