@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from types import CodeType, ModuleType
 from typing import Any, TypeVar
 
+from sandbox import ast_walk
 from sandbox.feedback import MAX_PART_CHARS, cap, render_error, render_io, show
 from sandbox.job import TestSuite
 from sandbox.plan import planned_requests
@@ -242,7 +243,7 @@ class _AssertRewriter(ast.NodeTransformer):
         test = node.test
         if isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in _OPERATORS:
             left, right = test.left, test.comparators[0]
-            swapped = not _mentions(left, self._names) and _mentions(right, self._names)
+            swapped = not ast_walk.mentions(left, self._names) and ast_walk.mentions(right, self._names)
             call = _call(_COMPARE, ast.Constant(_OPERATOR_INDEX[type(test.ops[0])]), left, right,
                          ast.Constant(swapped))
         elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
@@ -275,7 +276,7 @@ def _locate(node: _Node, like: ast.AST) -> _Node:
             if hasattr(current, "lineno"):
                 continue
             ast.copy_location(current, like)
-        stack.extend(ast.iter_child_nodes(current))
+        stack.extend(ast_walk.children(current))
     return node
 
 
@@ -292,12 +293,8 @@ def _line_groups(body: list[ast.stmt], source: str) -> list[tuple[list[ast.stmt]
 
 
 def _is_test(body: list[ast.stmt], candidate_names: set[str]) -> bool:
-    return any(isinstance(node, ast.Assert) or (isinstance(node, ast.Name) and node.id in candidate_names)
-               for stmt in body for node in ast.walk(stmt))
-
-
-def _mentions(node: ast.AST, names: set[str]) -> bool:
-    return any(isinstance(n, ast.Name) and n.id in names for n in ast.walk(node))
+    return any(type(node) is ast.Assert or (type(node) is ast.Name and node.id in candidate_names)  # type: ignore[attr-defined]
+               for node in ast_walk.nodes(*body))
 
 
 def _is_call_to(node: ast.stmt, name: str) -> bool:
@@ -346,9 +343,7 @@ def _free_names(trees: list[ast.Module]) -> set[str]:
     """Names read somewhere but bound nowhere in ``trees``, builtins excluded."""
     loaded: set[str] = set()
     bound: set[str] = set()
-    stack: list[ast.AST] = list(trees)
-    while stack:  # a plain stack walk: ast.walk's generators dominated compile_suite's time
-        node = stack.pop()
+    for node in ast_walk.nodes(*trees):
         kind = type(node)
         if kind is ast.Name:
             (loaded if type(node.ctx) is ast.Load else bound).add(node.id)  # type: ignore[attr-defined]
@@ -361,12 +356,6 @@ def _free_names(trees: list[ast.Module]) -> set[str]:
             bound.add(node.asname or node.name.split(".")[0])  # type: ignore[attr-defined]
         elif kind in _NAME_BINDERS and node.name:  # type: ignore[attr-defined]
             bound.add(node.name)  # type: ignore[attr-defined]
-        for name in node._fields:
-            value = getattr(node, name, None)
-            if type(value) is list:
-                stack.extend(v for v in value if isinstance(v, ast.AST))
-            elif isinstance(value, ast.AST):
-                stack.append(value)
     return loaded - bound - _BUILTIN_NAMES
 
 

@@ -22,6 +22,8 @@ import ast
 import pickle
 from collections.abc import Iterable
 
+from sandbox import ast_walk
+
 _UNSURE = (ast.BoolOp, ast.IfExp, ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp,
            ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)
 ENTRY_HANDLE = 0  # the job describes the entry point first, so a function there is its object 0
@@ -35,11 +37,11 @@ def planned_requests(before: Iterable[ast.AST], steps: Iterable[list[ast.stmt]],
     ``program_names`` every name that resolves to the program.
     """
     names = callees | program_names
-    if any(_mentions(tree, names) for tree in before):
+    if any(ast_walk.mentions(tree, names) for tree in before):
         return ()
     plan: list[bytes] = []
     for body in steps:
-        mentions = [n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name) and n.id in names]
+        mentions = [n for n in ast_walk.nodes(*body) if type(n) is ast.Name and n.id in names]  # type: ignore[attr-defined]
         if not mentions:
             continue
         request = _planned_call(body, mentions, callees)
@@ -52,7 +54,7 @@ def planned_requests(before: Iterable[ast.AST], steps: Iterable[list[ast.stmt]],
 def _planned_call(body: list[ast.stmt], mentions: list[ast.Name], callees: set[str]) -> bytes | None:
     if len(body) != 1 or not isinstance(body[0], ast.Assert) or len(mentions) != 1 or mentions[0].id not in callees:
         return None
-    parents = {child: node for node in ast.walk(body[0]) for child in ast.iter_child_nodes(node)}
+    parents = ast_walk.parents(body[0])
     call = parents.get(mentions[0])
     if not isinstance(call, ast.Call) or call.func is not mentions[0]:
         return None
@@ -73,14 +75,12 @@ def _planned_call(body: list[ast.stmt], mentions: list[ast.Name], callees: set[s
         return None
     # Evaluated as one compiled expression, like the test's own code, so equal constants are shared the same
     # way and the pickled bytes match those of the real call.
-    expression = ast.Expression(ast.Tuple(elts=[
-        ast.Tuple(elts=list(call.args), ctx=ast.Load()),
-        ast.Dict(keys=[ast.Constant(k.arg) for k in call.keywords], values=[k.value for k in call.keywords]),
-    ], ctx=ast.Load()))
-    args, kwargs = eval(compile(ast.fix_missing_locations(expression), "<plan>", "eval"),  # noqa: S307
-                        {"__builtins__": {}})
+    made = [ast.Tuple(elts=list(call.args), ctx=ast.Load()),
+            ast.Dict(keys=[ast.Constant(k.arg) for k in call.keywords], values=[k.value for k in call.keywords])]
+    made += made[1].keys  # type: ignore[attr-defined]
+    made.append(ast.Tuple(elts=made[:2], ctx=ast.Load()))
+    for node in made:  # the nodes made here take the call's position; the arguments keep theirs
+        ast.copy_location(node, call)
+    args, kwargs = eval(compile(ast.Expression(made[-1]), "<plan>", "eval"), {"__builtins__": {}})  # noqa: S307
     return pickle.dumps(("call", ENTRY_HANDLE, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
 
-
-def _mentions(tree: ast.AST, names: set[str]) -> bool:
-    return any(isinstance(n, ast.Name) and n.id in names for n in ast.walk(tree))

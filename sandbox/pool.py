@@ -1,9 +1,12 @@
 """The local pool: one worker process per core, batched dispatch, results in input order.
 
 Each worker (:mod:`sandbox.worker`) runs one job at a time; the pool keeps up to ``prefetch`` jobs queued
-per worker so a worker never waits on the pool between jobs. If a worker process dies or stops reporting,
-the job it was running is charged one attempt (two in all, then ``sandbox_error``), the jobs queued behind it
-are re-dispatched uncharged, and the worker is replaced.
+per worker so a worker never waits on the pool between jobs. A suite has a home worker (by its hash), which
+gets its jobs while it has room, so each suite is compiled in one worker rather than in all of them (~0.8 ms a
+suite); a worker with nothing of its own left takes the last pending job of the busiest other.
+
+If a worker process dies or stops reporting, the job it was running is charged one attempt (two in all, then
+``sandbox_error``), the jobs queued behind it are re-dispatched uncharged, and the worker is replaced.
 """
 
 from __future__ import annotations
@@ -170,7 +173,10 @@ class _Batch:
         self._pool = pool
         self._jobs = jobs
         self._on_result = on_result
-        self._pending: deque[int] = deque(range(len(jobs)))
+        workers = len(pool._workers)
+        self._pending: list[deque[int]] = [deque() for _ in range(workers)]  # by home worker
+        for index, job in enumerate(jobs):
+            self._pending[self._home(job)].append(index)
         self._attempts = [ATTEMPTS] * len(jobs)
         self._results: list[Result | None] = [None] * len(jobs)
         self._left = len(jobs)
@@ -190,11 +196,20 @@ class _Batch:
                     self._recover(worker)
         return self._results  # type: ignore[return-value]
 
+    def _home(self, job: Job) -> int:
+        return hash(job.suite) % len(self._pending)
+
+    def _next_for(self, slot: int) -> int | None:
+        """The next pending job for worker ``slot``: its own, else the last of the longest other queue."""
+        if self._pending[slot]:
+            return self._pending[slot].popleft()
+        busiest = max(self._pending, key=len)
+        return busiest.pop() if busiest else None
+
     def _dispatch(self) -> None:
-        for worker in self._pool._workers:
+        for slot, worker in enumerate(self._pool._workers):
             batch = []
-            while self._pending and len(worker.queue) < self._pool._prefetch:
-                index = self._pending.popleft()
+            while len(worker.queue) < self._pool._prefetch and (index := self._next_for(slot)) is not None:
                 worker.queue.append(index)
                 batch.append((index, self._attempts[index], self._jobs[index]))
             if batch:
@@ -232,7 +247,8 @@ class _Batch:
                 queue.pop(0)
                 feedback = render_error("SandboxError", "the sandbox worker died while running this job")
                 self._finish(head, Result(Status.SANDBOX_ERROR, feedback, (), 0.0, attempts=ATTEMPTS))
-        self._pending.extendleft(reversed(queue))
+        for index in reversed(queue):
+            self._pending[self._home(self._jobs[index])].appendleft(index)
         self._pool._replace(worker)
 
     def _finish(self, index: int, result: Result) -> None:

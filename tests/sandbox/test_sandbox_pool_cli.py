@@ -148,3 +148,21 @@ def test_pinned_workers_run_their_jobs_on_their_own_cpu(pin: bool) -> None:
         assert seen <= {str([usable[0]]), str([usable[1 % len(usable)]])}, seen
     else:
         assert seen == {str(usable)}
+
+
+def test_jobs_go_to_their_suites_home_worker_until_it_runs_dry() -> None:
+    from types import SimpleNamespace
+
+    from sandbox.pool import _Batch
+
+    suites = [TestSuite("f", (f"assert f({i}) == 0",)) for i in range(6)]
+    jobs = [Job("def f(x):\n    return 0\n", suites[i % 6]) for i in range(30)]
+    batch = _Batch(SimpleNamespace(_workers=[None, None, None]), jobs, None)  # type: ignore[arg-type]
+    homes = {batch._home(job) for job in jobs}
+    slot = next(iter(homes))
+    own = [batch._next_for(slot) for _ in range(len(batch._pending[slot]))]
+    assert own and all(batch._home(jobs[i]) == slot for i in own)  # type: ignore[index]
+    assert own == sorted(own)  # its own jobs in input order
+    longest = max(batch._pending, key=len)
+    tail = longest[-1]
+    assert batch._next_for(slot) == tail  # then the last job of the busiest other worker
