@@ -311,13 +311,30 @@ def lock_down_zygote(report: IsolationReport) -> None:
                                         else "process group + subreaper")
 
 
+def limit_job_resources(limits: Limits, job_user: tuple[int, int] | None, nproc_limit: int | None) -> None:
+    """The limits every job shares, set once on the zygote for its jobs to inherit (fewer calls per job):
+    address space, open files, file size, no core dumps, processes (``nproc_limit``, if any) and, when jobs
+    run as ``job_user``, no supplementary groups. The CPU-time limit is per job (:func:`enter_job_sandbox`).
+    """
+    mib = 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mib,) * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files,) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_mb * mib,) * 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if nproc_limit is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc_limit,) * 2)
+    if job_user is not None:
+        os.setgroups([])
+
+
 def enter_job_sandbox(limits: Limits, fds: tuple[int, int, int, int], workdir: str,
-                      job_user: tuple[int, int] | None, nproc_limit: int | None, new_session: bool) -> None:
+                      job_user: tuple[int, int] | None, new_session: bool) -> None:
     """In a freshly forked job process: apply the per-job steps. ``fds`` is (stdin, stdout, stderr, channel).
 
     With ``job_user`` (uid, gid) the process switches to that unprivileged user, which also makes the kernel
     clear every capability; otherwise capabilities are cleared explicitly. ``new_session`` is needed only when
-    the job is not alone in a PID namespace, for killing by process group.
+    the job is not alone in a PID namespace, for killing by process group. The other limits come from the
+    zygote (:func:`limit_job_resources`).
     """
     if new_session:
         os.setsid()
@@ -327,17 +344,9 @@ def enter_job_sandbox(limits: Limits, fds: tuple[int, int, int, int], workdir: s
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     os.closerange(len(fds), _max_fd())
-    mib = 1024 * 1024
     resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mib,) * 2)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files,) * 2)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_mb * mib,) * 2)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if nproc_limit is not None:
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc_limit,) * 2)
     if job_user is not None:
         uid, gid = job_user
-        os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     else:

@@ -47,9 +47,12 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 _ZYGOTE_START_SECONDS = 60.0
 _ZYGOTE_REAP_SECONDS = 10.0
 # The zygote and its jobs see only this environment: nothing of the worker's leaks into programs.
+# LD_BIND_NOW: the zygote resolves every symbol once, instead of each job writing (copying) the pages of the
+# symbol tables it resolves lazily.
 SCRUBBED_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp",
     "TMPDIR": "/tmp", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    "LD_BIND_NOW": "1",
 }
 
 

@@ -98,12 +98,13 @@ def main() -> None:
     nproc_limit = (spec.limits.max_processes if job_user else
                    user_processes + spec.limits.max_processes if spec.outer_uid != 0 else None)
     report.layers["rlimit_nproc"] = isolation.ACTIVE if nproc_limit else "ignored by the kernel for root"
+    isolation.limit_job_resources(spec.limits, job_user, nproc_limit)
     for name in PRELOADED_MODULES:
         importlib.import_module(name)
     candidate.warm_up()
     gc.collect()
     gc.freeze()
-    _Zygote(control, spec, report, job_user, nproc_limit).serve()
+    _Zygote(control, spec, report, job_user).serve()
 
 
 def _choose_job_user(spec: ZygoteSpec, report: isolation.IsolationReport) -> tuple[int, int] | None:
@@ -148,11 +149,10 @@ class _Prepared:
 
 class _Zygote:
     def __init__(self, control: socket.socket, spec: ZygoteSpec, report: isolation.IsolationReport,
-                 job_user: tuple[int, int] | None, nproc_limit: int | None) -> None:
+                 job_user: tuple[int, int] | None) -> None:
         self._control = control
         self._spec = spec
         self._job_user = job_user
-        self._nproc_limit = nproc_limit
         self._private_tmp = report.active("private_tmp")
         self._pid1 = os.getpid() == 1
         self._devnull = os.open(os.devnull, os.O_RDONLY)
@@ -188,7 +188,7 @@ class _Zygote:
                     os.environ["HOME"] = os.environ["TMPDIR"] = workdir
                 stdio_and_channel = (self._devnull, stdout, stderr, job_end.fileno())
                 isolation.enter_job_sandbox(self._spec.limits, stdio_and_channel, workdir, self._job_user,
-                                            self._nproc_limit, new_session=not self._pid1)
+                                            new_session=not self._pid1)
                 candidate.serve(socket.socket(fileno=3))
             except BaseException:  # noqa: BLE001 - report why the sandbox could not be set up, then exit
                 traceback.print_exc()
