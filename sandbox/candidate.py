@@ -6,7 +6,8 @@ Requests (judge → job, pickled by the trusted judge)::
 
     (on start, before any request)     → ("started",)
     ("load", program, names, planned)  → ("ready", {name: description}) or ("load_error", type, message),
-                                         then the answers to the ``planned`` requests, in order, unasked
+                                         then the answers to the ``planned`` requests, in order, unasked;
+                                         ``program`` is marshalled code (:mod:`sandbox.program`) or source
     ("call", handle, args, kwargs)     → description | ("raise", type, message, is_builtin)
     ("getattr", handle, name)          → description | ("raise", ...)
     ("setattr", handle, name, value)   → ("value", None) | ("raise", ...)
@@ -21,6 +22,7 @@ import builtins
 import functools
 import io
 import itertools
+import marshal
 import os
 import pickle
 import socket
@@ -29,7 +31,6 @@ from typing import NoReturn
 
 from sandbox import wire
 
-_MESSAGE_CHARS = 1000
 PROGRAM_MODULE_NAME = "__candidate__"  # not "__main__", so `if __name__ == "__main__":` blocks stay inert
 
 
@@ -59,10 +60,12 @@ def _serve(channel: socket.socket, table: list[object]) -> None:
     _, program, names, planned = pickle.loads(request)
     namespace: dict[str, object] = {"__name__": PROGRAM_MODULE_NAME, "__builtins__": builtins}
     try:
-        exec(compile(program, "<program>", "exec"), namespace)  # noqa: S102 - this is the sandboxed process
+        code = marshal.loads(program) if type(program) is bytes else compile(program, wire.PROGRAM_FILENAME, "exec",
+                                                                             dont_inherit=True)
+        exec(code, namespace)  # noqa: S102 - this is the sandboxed process
     except BaseException as exc:  # noqa: BLE001 - every failure of the program is reported, SystemExit included
         _flush_stdio()
-        wire.send_blocking(channel, wire.dump_plain(("load_error", *_describe_exception(exc)[:2])))
+        wire.send_blocking(channel, wire.dump_plain(("load_error", *wire.describe_exception(exc)[:2])))
         return
     _flush_stdio()
     found = {name: _describe(namespace[name], table) for name in names if name in namespace}
@@ -79,7 +82,7 @@ def _serve(channel: socket.socket, table: list[object]) -> None:
                 setattr(target, rest[0], rest[1])
                 reply = ("value", None)
         except BaseException as exc:  # noqa: BLE001
-            reply = ("raise", *_describe_exception(exc))
+            reply = ("raise", *wire.describe_exception(exc))
         _flush_stdio()
         wire.send_blocking(channel, wire.dump_plain(reply))
 
@@ -123,17 +126,6 @@ def _describe(value: object, table: list[object]) -> tuple[object, ...]:
     except (TypeError, ValueError, RecursionError):
         table.append(value)
         return ("ref", len(table) - 1, type(value).__name__[:100])
-
-
-def _describe_exception(exc: BaseException) -> tuple[str, str, bool]:
-    kind = type(exc)
-    try:
-        message = str(exc)
-    except Exception:  # noqa: BLE001 - a program's exception may fail to render
-        message = ""
-    if isinstance(exc, SyntaxError) and exc.lineno is not None:
-        message = f"{exc.msg} (line {exc.lineno})"
-    return kind.__name__[:100], message[:_MESSAGE_CHARS], getattr(builtins, kind.__name__, None) is kind
 
 
 def _flush_stdio() -> None:

@@ -126,9 +126,10 @@ class Session:
         self._planned: collections.deque[bytes] = collections.deque()  # answered ahead, not yet asked
         self.off_plan = False
 
-    def load(self, program: str, names: tuple[str, ...], planned: tuple[bytes, ...] = ()) -> dict[str, Any]:
-        """Have the job load the program, then answer the ``planned`` requests ahead; return stand-ins for
-        those of ``names`` it defines.
+    def load(self, program: bytes | str, names: tuple[str, ...], planned: tuple[bytes, ...] = ()
+             ) -> dict[str, Any]:
+        """Have the job load the program (marshalled code or source: :mod:`sandbox.program`), then answer the
+        ``planned`` requests ahead; return stand-ins for those of ``names`` it defines.
 
         Raises ``CandidateRaised`` if loading raised, ``JobEnded`` if the job stopped answering, and
         ``SandboxFailure`` if the job process never came up.

@@ -9,6 +9,7 @@ cycles, oversized trees) is rejected as a protocol error.
 
 from __future__ import annotations
 
+import builtins
 import marshal
 import numbers
 import select
@@ -24,6 +25,8 @@ PLAIN_TYPES: frozenset[type] = frozenset(
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _CONTAINERS = (list, tuple, set, frozenset)
 MAX_PLAIN_NODES = 1_000_000
+MAX_MESSAGE_CHARS = 1000
+PROGRAM_FILENAME = "<program>"  # in tracebacks and syntax errors
 _MAX_DEPTH = 200
 _HEADER = struct.Struct("!I")
 
@@ -173,3 +176,16 @@ def _check_plain(value: object) -> None:
             stack.extend((v, depth + 1) for v in item.values())  # type: ignore[union-attr]
         elif kind in (list, tuple, set, frozenset):
             stack.extend((v, depth + 1) for v in item)  # type: ignore[union-attr]
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str, bool]:
+    """An exception as plain data: its type's name, its message (a syntax error's with the line) and whether
+    the type is the builtin of that name."""
+    kind = type(exc)
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a program's exception may fail to render
+        message = ""
+    if isinstance(exc, SyntaxError) and exc.lineno is not None:
+        message = f"{exc.msg} (line {exc.lineno})"
+    return kind.__name__[:100], message[:MAX_MESSAGE_CHARS], getattr(builtins, kind.__name__, None) is kind

@@ -37,6 +37,7 @@ from sandbox.errors import ProtocolError, SandboxFailure
 from sandbox.feedback import render_error
 from sandbox.isolation import LEFTOVER_PREFIX, IsolationConfig, PidsCgroup
 from sandbox.job import Job, Limits
+from sandbox.program import program_payload
 from sandbox.remote import CandidateRaised, JobEnded, PlanMismatch, Session
 from sandbox.result import Result, Status, TestOutcome
 from sandbox.zygote import ZygoteSpec
@@ -231,14 +232,19 @@ class Judge:
             suite = compile_suite(job.suite)
         except InvalidTests as exc:
             return Result(Status.SANDBOX_ERROR, render_error("InvalidTests", str(exc)), (), 0.0)
+        try:
+            program = program_payload(job.program)
+        except CandidateRaised as exc:  # the program does not compile: no job process is needed to say so
+            return Result(Status.ERROR, render_error(exc.type_name, exc.message), _not_run(suite),
+                          time.monotonic() - start)
         failure = ""
         for attempt in range(1, attempts + 1):
             try:
                 try:
-                    return self._attempt(job.program, suite, attempt, suite.planned)
+                    return self._attempt(program, suite, attempt, suite.planned)
                 except PlanMismatch:
                     logger.debug("the tests left the plan of %s; running it again unplanned", suite.entry_point)
-                    return self._attempt(job.program, suite, attempt, ())
+                    return self._attempt(program, suite, attempt, ())
             except SandboxFailure as exc:
                 failure = str(exc)
                 logger.warning("sandbox failure (attempt %d of %d): %s; restarting the zygote",
@@ -251,7 +257,7 @@ class Judge:
         return Result(Status.SANDBOX_ERROR, render_error("SandboxError", failure), _not_run(suite),
                       time.monotonic() - start, attempts=attempts)
 
-    def _attempt(self, program: str, suite: CompiledSuite, attempt: int, planned: tuple[bytes, ...]) -> Result:
+    def _attempt(self, program: bytes | str, suite: CompiledSuite, attempt: int, planned: tuple[bytes, ...]) -> Result:
         start = time.monotonic()
         seq, (channel, out, err) = self._zygote.start_job()
         ours = socket.socket(fileno=channel)
@@ -280,7 +286,7 @@ class Judge:
             os.close(err)
 
     @staticmethod
-    def _load_and_check(program: str, suite: CompiledSuite, session: Session,
+    def _load_and_check(program: bytes | str, suite: CompiledSuite, session: Session,
                         planned: tuple[bytes, ...]) -> CheckRun | tuple[Status, str] | None:
         """Load the program and run the tests: (status, feedback) if loading failed, None if the job ended."""
         try:
