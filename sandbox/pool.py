@@ -5,8 +5,9 @@ per worker so a worker never waits on the pool between jobs. A suite has a home 
 gets its jobs while it has room, so each suite is compiled in one worker rather than in all of them (~0.8 ms a
 suite); a worker with nothing of its own left takes the last pending job of the busiest other.
 
-If a worker process dies or stops reporting, the job it was running is charged one attempt (two in all, then
-``sandbox_error``), the jobs queued behind it are re-dispatched uncharged, and the worker is replaced.
+If a worker process dies or stops reporting, the oldest job it has not reported is charged one attempt (two in
+all, then ``sandbox_error``; it is the one running, or one whose result waited to travel with the next), the
+jobs behind it are re-dispatched uncharged, and the worker is replaced.
 """
 
 from __future__ import annotations
@@ -229,12 +230,14 @@ class _Batch:
         worker.last_heard = time.monotonic()
         if message[0] == "log":
             _relay_log(worker.name, message)
-        elif message[0] == "result" and worker.queue and message[1] == worker.queue[0]:
-            worker.queue.popleft()
-            index, result = message[1], message[2]
-            if self._attempts[index] < ATTEMPTS:  # count the attempts lost with a dead worker too
-                result = replace(result, attempts=result.attempts + ATTEMPTS - self._attempts[index])
-            self._finish(index, result)
+        elif message[0] == "results":
+            for index, result in message[1]:
+                if not worker.queue or index != worker.queue[0]:
+                    break
+                worker.queue.popleft()
+                if self._attempts[index] < ATTEMPTS:  # count the attempts lost with a dead worker too
+                    result = replace(result, attempts=result.attempts + ATTEMPTS - self._attempts[index])
+                self._finish(index, result)
 
     def _recover(self, worker: _WorkerProcess) -> None:
         """Charge the running job an attempt, requeue the rest, replace the worker."""

@@ -3,7 +3,10 @@
 Pool ↔ worker messages (pickled, over a ``multiprocessing`` connection on a socketpair)::
 
     pool → worker   ("jobs", [(index, attempts, Job), ...]) | ("stop",)
-    worker → pool   ("hello", {layer: state}) | ("result", index, Result) | ("log", level, message)
+    worker → pool   ("hello", {layer: state}) | ("results", [(index, Result), ...]) | ("log", level, message)
+
+Results go back two at a time (and at the end of each "jobs" message): half the wake-ups of the pool, which
+otherwise cost ~3% of the CPU of a run of small programs.
 
 Per job the worker takes from the zygote the process it forked ahead (its channel and the memory files of its
 stdout/stderr), talks to it through a :class:`~sandbox.remote.Session` while the tests run here (the calls
@@ -45,6 +48,7 @@ from sandbox.zygote import ZygoteSpec
 logger = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+RESULTS_PER_MESSAGE = 2
 _ZYGOTE_START_SECONDS = 60.0
 _ZYGOTE_REAP_SECONDS = 10.0
 # The zygote and its jobs see only this environment: nothing of the worker's leaks into programs.
@@ -364,7 +368,13 @@ def main() -> None:
                 return
             if message[0] == "stop":
                 return
+            results = []
             for index, attempts, job in message[1]:
-                conn.send(("result", index, judge.execute(job, attempts)))
+                results.append((index, judge.execute(job, attempts)))
+                if len(results) == RESULTS_PER_MESSAGE:
+                    conn.send(("results", results))
+                    results = []
+            if results:
+                conn.send(("results", results))
     finally:
         judge.stop()
