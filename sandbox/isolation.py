@@ -1,15 +1,17 @@
-"""Isolation steps, applied once per worker (in the zygote) and once per job (in the forked job process).
+"""Isolation steps, applied once per worker (here, as the zygote boots) and per job (:mod:`sandbox.job_sandbox`).
 
 Worker level, before any program exists, so that its cost is paid once:
-    pids cgroup (created by the worker, joined by the zygote) → user namespace (non-root only) → mount, PID,
-    network, IPC and UTS namespaces → whole filesystem read-only and private, fresh ``/proc`` → capability
-    bounding set emptied, securebits locked, ``no_new_privs``, non-dumpable, child subreaper → seccomp filter
-    (no new user namespaces, no keyrings/bpf/io_uring; and ``socket(2)`` refused outright when there is no
-    network namespace, so a refused namespace does not open the network).
+    pids cgroup (created by the worker, which moves the booting zygote into it) → user namespace (non-root
+    only) → mount, PID, network, IPC and UTS namespaces → whole filesystem read-only and private, fresh
+    ``/proc`` → job user, the rlimits every job shares; then, in the exec'd zygote
+    (:func:`sandbox.job_sandbox.lock_down_zygote`): capability bounding set emptied, securebits locked,
+    ``no_new_privs``, non-dumpable, child subreaper → seccomp filter (no new user namespaces, no
+    keyrings/bpf/io_uring; and ``socket(2)`` refused outright when there is no network namespace, so a refused
+    namespace does not open the network).
 Job level, in each forked child before the program loads:
-    new session → private tmpfs working directory (a fresh mount namespace of its own) → stdin ``/dev/null``,
-    stdout/stderr to size-limited memory files, every other descriptor closed → rlimits → all capabilities
-    cleared.
+    new session (without a PID namespace) → its own empty working directory in the private tmpfs → stdin
+    ``/dev/null``, stdout/stderr to size-limited memory files, every other descriptor closed → CPU-time limit
+    → the job user (or, without one, all capabilities cleared).
 
 Every step either takes effect or is recorded in the :class:`IsolationReport` with the reason the kernel
 gave; the worker logs a warning for each missing one. Invariants: a refused step never enables a more
@@ -31,12 +33,10 @@ from pathlib import Path
 
 from sandbox import linux
 from sandbox.job import Limits
+from sandbox.job_sandbox import ACTIVE, SCRATCH, max_fd
 
-ACTIVE = "active"
 # Host places that hold other users' data, sockets or shared memory; covered by an empty tmpfs in the worker.
 MASKED_DIRS = ("/var/tmp", "/run", "/var/run", "/dev/shm", "/home", "/root", "/srv", "/mnt", "/media")
-SCRATCH = "/tmp"  # a private tmpfs per worker, wiped after every job
-WORKDIR = "/tmp/work"  # each job's fresh working directory
 MASKED_FILES = ("/etc/shadow", "/etc/gshadow")
 _NAMESPACE_FLAGS = {
     "mount_namespace": linux.CLONE_NEWNS,
@@ -214,7 +214,7 @@ def _write_id_maps(uid: int, gid: int) -> None:
 def _continue_as_pid1() -> None:
     pid = os.fork()
     if pid:
-        os.closerange(3, _max_fd())  # only PID 1 may hold the worker's control socket
+        os.closerange(3, max_fd())  # only PID 1 may hold the worker's control socket
         _, status = os.waitpid(pid, 0)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
     linux.set_parent_death_signal(signal.SIGKILL)
@@ -287,30 +287,6 @@ def _topmost(paths: list[str]) -> list[str]:
     return [p for i, p in enumerate(ordered) if not any(p.startswith(q + "/") for q in ordered[:i])]
 
 
-def lock_down_zygote(report: IsolationReport) -> None:
-    """Privilege and signal hardening of the zygote itself; jobs inherit all of it."""
-    linux.set_child_subreaper()
-    linux.set_non_dumpable()
-    linux.set_no_new_privs()
-    report.layers["no_new_privs"] = ACTIVE
-    try:
-        linux.drop_bounding_capabilities()
-        report.layers["capabilities"] = ACTIVE
-    except OSError as exc:
-        report.layers["capabilities"] = ACTIVE if os.geteuid() != 0 else f"refused: {exc.strerror}"
-    deny_sockets = not report.active("network_namespace")
-    try:
-        linux.install_seccomp_filter(deny_sockets=deny_sockets)
-        report.layers["seccomp"] = ACTIVE
-        report.layers["socket_filter"] = ACTIVE if deny_sockets else "not needed (network namespace)"
-    except OSError as exc:
-        report.layers["seccomp"] = f"refused: {exc.strerror}"
-        report.layers["socket_filter"] = "no seccomp" if deny_sockets else "not needed (network namespace)"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # PID 1 only receives signals it has handlers for
-    report.layers["process_cleanup"] = ("kill every process of the PID namespace" if os.getpid() == 1
-                                        else "process group + subreaper")
-
-
 def limit_job_resources(limits: Limits, job_user: tuple[int, int] | None, nproc_limit: int | None) -> None:
     """The limits every job shares, set once on the zygote for its jobs to inherit (fewer calls per job):
     address space, open files, file size, no core dumps, processes (``nproc_limit``, if any) and, when jobs
@@ -327,51 +303,9 @@ def limit_job_resources(limits: Limits, job_user: tuple[int, int] | None, nproc_
         os.setgroups([])
 
 
-def enter_job_sandbox(limits: Limits, fds: tuple[int, int, int, int], workdir: str,
-                      job_user: tuple[int, int] | None, new_session: bool) -> None:
-    """In a freshly forked job process: apply the per-job steps. ``fds`` is (stdin, stdout, stderr, channel).
-
-    With ``job_user`` (uid, gid) the process switches to that unprivileged user, which also makes the kernel
-    clear every capability; otherwise capabilities are cleared explicitly. ``new_session`` is needed only when
-    the job is not alone in a PID namespace, for killing by process group. The other limits come from the
-    zygote (:func:`limit_job_resources`).
-    """
-    if new_session:
-        os.setsid()
-    os.chdir(workdir)
-    if min(fds) < 3:
-        raise OSError(errno.EBADF, "job descriptors must not overlap stdio")
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-    os.closerange(len(fds), _max_fd())
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-    if job_user is not None:
-        uid, gid = job_user
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-    else:
-        linux.drop_all_capabilities()
-
-
 def job_user_for(worker_pid: int) -> tuple[int, int]:
     """A uid/gid used by no one else while this worker lives: RLIMIT_NPROC then counts only its jobs."""
     return 1_000_000_000 + worker_pid, 1_000_000_000 + worker_pid
-
-
-def wipe_scratch(path: str, workdir: str) -> None:
-    """Delete everything a job left under ``path`` (never following symlinks); fast when it left nothing."""
-    try:
-        os.rmdir(workdir)
-    except OSError:
-        pass
-    for entry in os.scandir(path):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass
 
 
 def count_user_processes(uid: int) -> int:
@@ -388,7 +322,3 @@ def count_user_processes(uid: int) -> int:
         if int(fields.get("Uid", "-1").split()[0]) == uid:
             count += int(fields.get("Threads", "1"))
     return count
-
-
-def _max_fd() -> int:
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]

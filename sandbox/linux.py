@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -85,9 +84,9 @@ def _c_str(value: str | None) -> bytes | None:
 
 
 def _syscall_number(index: int, name: str) -> int:
-    numbers = _SYSCALLS.get(platform.machine())
+    numbers = _SYSCALLS.get(os.uname().machine)
     if numbers is None:
-        raise OSError(38, f"{name}: syscall number unknown on {platform.machine()}")  # ENOSYS
+        raise OSError(38, f"{name}: syscall number unknown on {os.uname().machine}")  # ENOSYS
     return numbers[index]
 
 
@@ -193,9 +192,9 @@ def install_seccomp_filter(deny_sockets: bool = False) -> list[str]:
     with EPERM for every address family (``socketpair(2)`` still works): the fallback when there is no
     network namespace. Requires ``no_new_privs``. Returns the names of the syscalls refused outright.
     """
-    table = _SECCOMP_TABLE.get(platform.machine())
+    table = _SECCOMP_TABLE.get(os.uname().machine)
     if table is None:
-        raise OSError(38, f"seccomp: no syscall table for {platform.machine()}")
+        raise OSError(38, f"seccomp: no syscall table for {os.uname().machine}")
     arch, unshare_nr, clone_nr, clone3_nr, socket_nr, refused = table
     refused = {**refused, **({"socket": socket_nr} if deny_sockets else {})}
     eperm, enosys = _SECCOMP_RET_ERRNO | 1, _SECCOMP_RET_ERRNO | 38  # EPERM, ENOSYS

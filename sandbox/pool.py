@@ -26,11 +26,11 @@ from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from sandbox.boot import boot_command
 from sandbox.feedback import render_error
 from sandbox.isolation import IsolationConfig, IsolationReport, remove_leftovers
 from sandbox.job import Job, Limits, TestSuite
 from sandbox.result import Result, Status
-from sandbox.worker import boot_command
 
 logger = logging.getLogger(__name__)
 

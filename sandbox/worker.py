@@ -31,10 +31,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from sandbox import wire
+from sandbox.boot import boot_command
 from sandbox.checks import CheckRun, CompiledSuite, InvalidTests, compile_suite, run_checks, verdict
 from sandbox.errors import ProtocolError, SandboxFailure
 from sandbox.feedback import render_error
@@ -43,7 +43,7 @@ from sandbox.job import Job, Limits
 from sandbox.program import program_payload
 from sandbox.remote import CandidateRaised, JobEnded, PlanMismatch, Session
 from sandbox.result import Result, Status, TestOutcome
-from sandbox.zygote import ZygoteSpec
+from sandbox.zygote_boot import ZygoteSpec
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +59,6 @@ SCRUBBED_ENV = {
     "TMPDIR": "/tmp", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
     "LD_BIND_NOW": "1",
 }
-
-
-def boot_command(module: str, *args: str) -> list[str]:
-    """``python -I -S -c`` running ``module.main()`` from this very copy of the sandbox package.
-
-    ``-I -S``: no ``PYTHON*`` variable, user site or ``.pth`` file reaches the sandbox's processes, which need
-    only the standard library and this package (and each starts ~12 ms sooner, ``site`` not run).
-    """
-    boot = f"import sys; sys.path.insert(0, sys.argv.pop(1)); from {module} import main; main()"
-    return [sys.executable, "-I", "-S", "-c", boot, str(Path(__file__).resolve().parents[1]), *args]
 
 
 @dataclass(frozen=True)
@@ -103,7 +93,7 @@ class ZygoteHandle:
                           self._scratch, os.getuid(), os.getpid(), self._config.disabled)
         with theirs:
             self._proc = subprocess.Popen(
-                boot_command("sandbox.zygote", spec.to_json()), pass_fds=(theirs.fileno(),),
+                boot_command("sandbox.zygote_boot", spec.to_json()), pass_fds=(theirs.fileno(),),
                 env=SCRUBBED_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd="/")
         self._control = control
         try:
