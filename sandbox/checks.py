@@ -102,16 +102,21 @@ def compile_suite(suite: TestSuite) -> CompiledSuite:
             module.body = []
     if not any(body for body, _ in groups):
         raise InvalidTests("the suite has no tests")
-    free = _free_names([prelude, setup, module, *(ast.Module(body=b, type_ignores=[]) for b, _ in groups)])
+    if check is not None:
+        check.body = []  # its statements are the groups, walked once below (and replaced by them, wrapped)
+    group_nodes = [ast_walk.nodes(*body) for body, _ in groups]
+    free = _free_names(ast_walk.nodes(prelude, setup, module) + [n for nodes in group_nodes for n in nodes])
     modules = tuple((name, m) for name in sorted(free - {suite.entry_point})
                     if (m := _stdlib_module(name)) is not None)
     program_names = (suite.entry_point, *sorted(free - {suite.entry_point, *dict(modules)}))
     candidate_names = {suite.entry_point, *program_names, *([param] if param else [])}
-    is_test = tuple(check_name is None or _is_test(body, candidate_names) for body, _ in groups)
+    is_test = tuple(check_name is None or _is_test(nodes, candidate_names) for nodes in group_nodes)
     before = [prelude, setup, *(n for n in module.body if n is not check)]
     callees = {suite.entry_point, *([param] if param else [])}
-    planned = planned_requests(before, (body for body, _ in groups), callees, set(program_names))
-    wrapped = [_wrap(i, body, candidate_names if is_test[i] else None) for i, (body, _) in enumerate(groups)]
+    steps = list(zip((body for body, _ in groups), group_nodes, strict=True))
+    planned = planned_requests(before, steps, callees, set(program_names))
+    wrapped = [_wrap(i, body, nodes, candidate_names if is_test[i] else None)
+               for i, (body, nodes) in enumerate(steps)]
     if check_name is None:
         module.body.extend(wrapped)
     else:
@@ -231,37 +236,40 @@ class _Recorder:
         return TestOutcome(test, Status.FAILED, render_error("AssertionError", test))
 
 
-class _AssertRewriter(ast.NodeTransformer):
-    """``assert a OP b`` → ``assert __persd_compare__(op, a, b, swapped)``; ``assert [not] x`` → truth."""
+def _rewrite_asserts(body: list[ast.stmt], nodes: list[ast.AST], names: set[str]) -> list[ast.stmt]:
+    """``body`` (whose nodes are ``nodes``) with every ``assert`` without a message rewritten, wherever it is:
+    ``assert a OP b`` → ``assert __persd_compare__(op, a, b, swapped)``; ``assert [not] x`` → truth."""
+    for owner in nodes:
+        for name in owner._fields:
+            value = getattr(owner, name, None)
+            if type(value) is list:
+                value[:] = [_rewrite_assert(item, names) if type(item) is ast.Assert else item for item in value]
+    return [_rewrite_assert(stmt, names) if type(stmt) is ast.Assert else stmt for stmt in body]
 
-    def __init__(self, candidate_names: set[str]) -> None:
-        self._names = candidate_names
 
-    def visit_Assert(self, node: ast.Assert) -> ast.AST:
-        if node.msg is not None:
-            return node
-        test = node.test
-        if isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in _OPERATORS:
-            left, right = test.left, test.comparators[0]
-            swapped = not ast_walk.mentions(left, self._names) and ast_walk.mentions(right, self._names)
-            call = _call(_COMPARE, ast.Constant(_OPERATOR_INDEX[type(test.ops[0])]), left, right,
-                         ast.Constant(swapped))
-        elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
-            call = ast.UnaryOp(op=ast.Not(), operand=_call(_TRUTH, test.operand, ast.Constant(False)))
-        else:
-            call = _call(_TRUTH, test, ast.Constant(True))
-        return ast.copy_location(ast.Assert(test=_locate(call, node), msg=None), node)
+def _rewrite_assert(node: ast.Assert, names: set[str]) -> ast.stmt:
+    if node.msg is not None:
+        return node
+    test = node.test
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in _OPERATORS:
+        left, right = test.left, test.comparators[0]
+        swapped = not ast_walk.mentions(left, names) and ast_walk.mentions(right, names)
+        call = _call(_COMPARE, ast.Constant(_OPERATOR_INDEX[type(test.ops[0])]), left, right, ast.Constant(swapped))
+    elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        call = ast.UnaryOp(op=ast.Not(), operand=_call(_TRUTH, test.operand, ast.Constant(False)))
+    else:
+        call = _call(_TRUTH, test, ast.Constant(True))
+    return ast.copy_location(ast.Assert(test=_locate(call, node), msg=None), node)
 
 
 def _call(name: str, *args: ast.expr) -> ast.Call:
     return ast.Call(func=ast.Name(id=name, ctx=ast.Load()), args=list(args), keywords=[])
 
 
-def _wrap(index: int, body: list[ast.stmt], candidate_names: set[str] | None) -> ast.With:
+def _wrap(index: int, body: list[ast.stmt], nodes: list[ast.AST], candidate_names: set[str] | None) -> ast.With:
     """The test's statements inside ``with __persd_step__(index):``, asserts rewritten if it is a test."""
     if candidate_names is not None:
-        rewriter = _AssertRewriter(candidate_names)
-        body = [rewriter.visit(stmt) for stmt in body]
+        body = _rewrite_asserts(body, nodes, candidate_names)
     node = ast.With(items=[ast.withitem(context_expr=_call(_STEP, ast.Constant(index)))], body=body)
     return _locate(node, body[0])
 
@@ -269,13 +277,14 @@ def _wrap(index: int, body: list[ast.stmt], candidate_names: set[str] | None) ->
 def _locate(node: _Node, like: ast.AST) -> _Node:
     """Give the nodes we created (those without a position) ``like``'s position, not descending into the
     original nodes they hold: much cheaper than ``ast.fix_missing_locations`` over the whole suite."""
+    position = (like.lineno, like.col_offset, like.end_lineno, like.end_col_offset)  # type: ignore[attr-defined]
     stack: list[ast.AST] = [node]
     while stack:
         current = stack.pop()
         if "lineno" in current._attributes:
             if hasattr(current, "lineno"):
                 continue
-            ast.copy_location(current, like)
+            current.lineno, current.col_offset, current.end_lineno, current.end_col_offset = position  # type: ignore[attr-defined]
         stack.extend(ast_walk.children(current))
     return node
 
@@ -292,9 +301,9 @@ def _line_groups(body: list[ast.stmt], source: str) -> list[tuple[list[ast.stmt]
     return [(g, "\n".join(lines[g[0].lineno - 1:(g[-1].end_lineno or g[-1].lineno)])) for g in groups]
 
 
-def _is_test(body: list[ast.stmt], candidate_names: set[str]) -> bool:
+def _is_test(nodes: list[ast.AST], candidate_names: set[str]) -> bool:
     return any(type(node) is ast.Assert or (type(node) is ast.Name and node.id in candidate_names)  # type: ignore[attr-defined]
-               for node in ast_walk.nodes(*body))
+               for node in nodes)
 
 
 def _is_call_to(node: ast.stmt, name: str) -> bool:
@@ -339,11 +348,11 @@ def _compile(tree: ast.Module, filename: str) -> CodeType:
         raise InvalidTests(f"{filename}: {type(exc).__name__}: {exc}") from None
 
 
-def _free_names(trees: list[ast.Module]) -> set[str]:
-    """Names read somewhere but bound nowhere in ``trees``, builtins excluded."""
+def _free_names(nodes: list[ast.AST]) -> set[str]:
+    """Names read by some of ``nodes`` but bound by none, builtins excluded."""
     loaded: set[str] = set()
     bound: set[str] = set()
-    for node in ast_walk.nodes(*trees):
+    for node in nodes:
         kind = type(node)
         if kind is ast.Name:
             (loaded if type(node.ctx) is ast.Load else bound).add(node.id)  # type: ignore[attr-defined]

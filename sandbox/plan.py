@@ -29,29 +29,31 @@ _UNSURE = (ast.BoolOp, ast.IfExp, ast.Lambda, ast.ListComp, ast.SetComp, ast.Dic
 ENTRY_HANDLE = 0  # the job describes the entry point first, so a function there is its object 0
 
 
-def planned_requests(before: Iterable[ast.AST], steps: Iterable[list[ast.stmt]], callees: set[str],
-                     program_names: set[str]) -> tuple[bytes, ...]:
+def planned_requests(before: Iterable[ast.AST], steps: Iterable[tuple[list[ast.stmt], list[ast.AST]]],
+                     callees: set[str], program_names: set[str]) -> tuple[bytes, ...]:
     """The pickled ``call`` requests of the plan (see the module docstring), in order.
 
-    ``callees`` are the names that stand for the entry point (it, and the check function's parameter);
-    ``program_names`` every name that resolves to the program.
+    ``steps`` are each step's statements and all their nodes; ``callees`` the names that stand for the entry
+    point (it, and the check function's parameter); ``program_names`` every name that resolves to the program.
     """
     names = callees | program_names
     if any(ast_walk.mentions(tree, names) for tree in before):
         return ()
-    plan: list[bytes] = []
-    for body in steps:
-        mentions = [n for n in ast_walk.nodes(*body) if type(n) is ast.Name and n.id in names]  # type: ignore[attr-defined]
+    calls: list[ast.Call] = []
+    for body, nodes in steps:
+        mentions = [n for n in nodes if type(n) is ast.Name and n.id in names]  # type: ignore[attr-defined]
         if not mentions:
             continue
-        request = _planned_call(body, mentions, callees)
-        if request is None:
+        call = _planned_call(body, mentions, callees)
+        if call is None:
             break
-        plan.append(request)
-    return tuple(plan)
+        calls.append(call)
+    return tuple(pickle.dumps(("call", ENTRY_HANDLE, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+                 for args, kwargs in _arguments(calls))
 
 
-def _planned_call(body: list[ast.stmt], mentions: list[ast.Name], callees: set[str]) -> bytes | None:
+def _planned_call(body: list[ast.stmt], mentions: list[ast.Name], callees: set[str]) -> ast.Call | None:
+    """The step's one call of the entry point, if the rule lets it be planned."""
     if len(body) != 1 or not isinstance(body[0], ast.Assert) or len(mentions) != 1 or mentions[0].id not in callees:
         return None
     parents = ast_walk.parents(body[0])
@@ -73,14 +75,22 @@ def _planned_call(body: list[ast.stmt], mentions: list[ast.Name], callees: set[s
             ast.literal_eval(value)  # literals only (a Starred argument is refused here too)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None
-    # Evaluated as one compiled expression, like the test's own code, so equal constants are shared the same
-    # way and the pickled bytes match those of the real call.
-    made = [ast.Tuple(elts=list(call.args), ctx=ast.Load()),
-            ast.Dict(keys=[ast.Constant(k.arg) for k in call.keywords], values=[k.value for k in call.keywords])]
-    made += made[1].keys  # type: ignore[attr-defined]
-    made.append(ast.Tuple(elts=made[:2], ctx=ast.Load()))
-    for node in made:  # the nodes made here take the call's position; the arguments keep theirs
-        ast.copy_location(node, call)
-    args, kwargs = eval(compile(ast.Expression(made[-1]), "<plan>", "eval"), {"__builtins__": {}})  # noqa: S307
-    return pickle.dumps(("call", ENTRY_HANDLE, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    return call
 
+
+def _arguments(calls: list[ast.Call]) -> list[tuple[tuple[object, ...], dict[str, object]]]:
+    """Each call's (args, kwargs), evaluated as one compiled expression, like the tests' own code: equal
+    constants are shared the same way, so the pickled bytes match those of the real calls."""
+    if not calls:
+        return []
+    pairs = []
+    for call in calls:
+        keys: list[ast.expr | None] = [ast.Constant(k.arg) for k in call.keywords]
+        args = ast.Tuple(elts=list(call.args), ctx=ast.Load())
+        kwargs = ast.Dict(keys=keys, values=[k.value for k in call.keywords])
+        pair = ast.Tuple(elts=[args, kwargs], ctx=ast.Load())
+        for made in (*keys, args, kwargs, pair):  # the nodes made here take the call's position
+            ast.copy_location(made, call)  # type: ignore[arg-type]
+        pairs.append(pair)
+    expression = ast.Expression(ast.copy_location(ast.List(elts=pairs, ctx=ast.Load()), calls[0]))
+    return eval(compile(expression, "<plan>", "eval"), {"__builtins__": {}})  # noqa: S307
