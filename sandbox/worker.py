@@ -25,7 +25,6 @@ import shutil
 import signal
 import site
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from sandbox import wire
-from sandbox.boot import boot_command
 from sandbox.checks import CheckRun, CompiledSuite, InvalidTests, compile_suite, run_checks, verdict
 from sandbox.errors import ProtocolError, SandboxFailure
 from sandbox.feedback import render_error
@@ -43,7 +41,7 @@ from sandbox.job import Job, Limits
 from sandbox.program import program_payload
 from sandbox.remote import CandidateRaised, JobEnded, PlanMismatch, Session
 from sandbox.result import Result, Status, TestOutcome
-from sandbox.zygote_boot import ZygoteSpec
+from sandbox.zygote_boot import ZygoteSpec, boot
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +49,6 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 RESULTS_PER_MESSAGE = 2
 _ZYGOTE_START_SECONDS = 60.0
 _ZYGOTE_REAP_SECONDS = 10.0
-# The zygote and its jobs see only this environment: nothing of the worker's leaks into programs.
-# LD_BIND_NOW: the zygote resolves every symbol once, instead of each job writing (copying) the pages of the
-# symbol tables it resolves lazily.
-SCRUBBED_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp",
-    "TMPDIR": "/tmp", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-    "LD_BIND_NOW": "1",
-}
-
-
 @dataclass(frozen=True)
 class JobExit:
     """How the job process ended, as reported by the zygote."""
@@ -75,7 +63,7 @@ class ZygoteHandle:
 
     def __init__(self, limits: Limits, config: IsolationConfig, name: str, scratch_dir: str) -> None:
         self._limits, self._config, self._name, self._scratch = limits, config, name, scratch_dir
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None  # the process forked to boot the zygote
         self._control: socket.socket | None = None
         self._cgroup: PidsCgroup | None = None
         self._starts = 0
@@ -84,20 +72,22 @@ class ZygoteHandle:
     def start(self) -> dict[str, str]:
         """Start a zygote and return its isolation report. Raises ``SandboxFailure``.
 
-        The zygote is moved into its pids cgroup while it imports, and creates no process before it is told
-        so: joining a cgroup waits for an RCU grace period (~20 ms here) that would otherwise delay every start.
+        The zygote boots in a process forked from this one (:mod:`sandbox.zygote_boot`). It is moved into its
+        pids cgroup while it starts, and creates no process before it is told so: joining a cgroup waits for an
+        RCU grace period (~20 ms here) that would otherwise delay every start.
         """
         self._starts += 1
         control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spec = ZygoteSpec(theirs.fileno(), self._limits, self._config.namespaces, tuple(site.getsitepackages()),
                           self._scratch, os.getuid(), os.getpid(), self._config.disabled)
         with theirs:
-            self._proc = subprocess.Popen(
-                boot_command("sandbox.zygote_boot", spec.to_json()), pass_fds=(theirs.fileno(),),
-                env=SCRUBBED_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd="/")
+            self._pid = os.fork()
+            if self._pid == 0:
+                control.close()
+                boot(spec)
         self._control = control
         try:
-            control.send(marshal.dumps(("cgroup", self._join_cgroup(self._proc.pid))))
+            control.send(marshal.dumps(("cgroup", self._join_cgroup(self._pid))))
         except OSError as exc:
             raise SandboxFailure(f"zygote unreachable: {exc}") from None
         hello = self._receive(time.monotonic() + _ZYGOTE_START_SECONDS)
@@ -154,13 +144,11 @@ class ZygoteHandle:
         if self._control is not None:
             self._control.close()
             self._control = None
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()  # its PID 1 child dies with it (parent-death signal)
-                self._proc.wait(timeout=5)
-            self._proc = None
+        if self._pid is not None:
+            if not _reap_within(self._pid, 5.0):
+                os.kill(self._pid, signal.SIGKILL)  # its PID 1 child dies with it (parent-death signal)
+                _reap_within(self._pid, 5.0)
+            self._pid = None
         if self._cgroup is not None:
             for _ in range(50):
                 try:
@@ -312,6 +300,20 @@ class Judge:
         return Status.CRASHED, render_error("ProcessError", f"exited with code {code} before the tests ended")
 
 
+def _reap_within(pid: int, seconds: float) -> bool:
+    """Reap child ``pid`` if it exits within ``seconds``; False if it is still running."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(seconds * 1000):
+            return False
+    finally:
+        os.close(pidfd)
+    os.waitpid(pid, 0)
+    return True
+
+
 def _not_run(suite: CompiledSuite) -> tuple[TestOutcome, ...]:
     return tuple(TestOutcome(t, Status.NOT_RUN)
                  for t, is_test in zip(suite.tests, suite.is_test, strict=True) if is_test)
@@ -342,6 +344,7 @@ def main() -> None:
     """Entry point of a worker process: ``python -c <boot> <fd> <name>``; the first message is its config
     (limits, isolation, and the CPU to pin itself, its zygote and its jobs to, or None)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when workers stop
+    os.set_inheritable(int(sys.argv[1]), False)  # the zygote boots in a fork of this process, then execs
     conn = Connection(int(sys.argv[1]))
     logging.getLogger("sandbox").addHandler(_ForwardToPool(conn))
     logging.getLogger("sandbox").setLevel(logging.INFO)

@@ -34,3 +34,10 @@ def test_code_and_source_load_alike(pool: SandboxPool, padding: int) -> None:
     assert ok.status is Status.PASSED, ok.feedback
     assert broken.status is Status.ERROR and broken.feedback.startswith("SyntaxError: "), broken.feedback
     assert "(line 1)" in broken.feedback
+
+
+def test_programs_import_from_the_interpreters_site_packages(pool: SandboxPool) -> None:
+    pytest.importorskip("numpy")  # not a module of the standard library: found only through site-packages
+    program = "import numpy\n\ndef f():\n    return str(int(numpy.arange(4).sum()))\n"
+    result = pool.run(program, TestSuite("f", ("assert f() == '6'",)))
+    assert result.status is Status.PASSED, (result.feedback, result.stderr)
