@@ -81,9 +81,7 @@ class _Zygote:
     def serve(self) -> None:
         job = self._prepare()
         while True:
-            message, fds = self._receive()
-            for fd in fds:
-                os.close(fd)
+            message = self._receive()
             if message is None:
                 return
             if message[0] == "run":
@@ -154,9 +152,7 @@ class _Zygote:
                 for fd, _ in self._poller.poll():
                     if fd == pidfd:
                         return
-                    message, fds = self._receive()
-                    for extra in fds:
-                        os.close(extra)
+                    message = self._receive()
                     if message is None or message == ("kill", seq):
                         return
         finally:
@@ -205,11 +201,11 @@ class _Zygote:
     def _send(self, message: tuple[object, ...]) -> None:
         self._control.send(marshal.dumps(message))
 
-    def _receive(self) -> tuple[tuple[object, ...] | None, list[int]]:
-        data, fds, _, _ = socket.recv_fds(self._control, 65536, 4)
-        if not data:
-            return None, fds
-        return marshal.loads(data), fds
+    def _receive(self) -> tuple[object, ...] | None:
+        """The worker's next message (None: it is gone). It never sends descriptors, and any sent anyway are
+        discarded by the kernel, since we read no ancillary data."""
+        data = self._control.recv(65536)
+        return marshal.loads(data) if data else None
 
 
 if __name__ == "__main__":
