@@ -8,11 +8,12 @@ import pickle
 import pytest
 
 from sandbox import Job, SandboxPool, Status, TestSuite
-from sandbox import worker as worker_module
+from sandbox import judge as judge_module
 from sandbox.checks import compile_suite
 from sandbox.isolation import IsolationConfig
 from sandbox.job import Limits
-from sandbox.worker import Judge
+from sandbox.judge import Judge
+from sandbox.zygote_handle import ZygoteHandle
 
 # A program with state: each call's answer depends on the calls before it, so a call run out of turn shows.
 COUNTER = "calls = []\ndef f(x):\n    calls.append(x)\n    return x + len(calls)\n"
@@ -61,9 +62,10 @@ def test_a_request_off_the_plan_runs_the_job_again_unplanned(monkeypatch: pytest
     # A plan the tests do not follow: the job answers f(99) ahead; taken for f(5)'s answer, it would be 100.
     wrong = dataclasses.replace(compile_suite(IN_TURN), planned=(
         pickle.dumps(("call", 0, (99,), {}), protocol=pickle.HIGHEST_PROTOCOL),))
-    monkeypatch.setattr(worker_module, "compile_suite", lambda suite: wrong)
-    judge = Judge(Limits(timeout=5.0), IsolationConfig(), "plan-test")
-    judge.start()
+    monkeypatch.setattr(judge_module, "compile_suite", lambda suite: wrong)
+    zygote = ZygoteHandle(Limits(timeout=5.0), IsolationConfig(), "plan-test")
+    zygote.start()
+    judge = Judge(Limits(timeout=5.0), zygote)
     try:
         result = judge.execute(Job(COUNTER, IN_TURN), attempts=2)
     finally:
