@@ -220,17 +220,18 @@ def _continue_as_pid1() -> None:
     linux.set_parent_death_signal(signal.SIGKILL)
 
 
-def isolate_filesystem(report: IsolationReport, keep: list[str], scratch_mb: int) -> None:
+def isolate_filesystem(report: IsolationReport, keep: list[str], scratch_mb: int) -> list[str]:
     """Hide host scratch and home directories, make every mount read-only and private, mount a fresh /proc
     and a private writable tmpfs of ``scratch_mb`` MiB at /tmp.
 
     ``keep`` lists paths the zygote must still see (the Python installation, the sandbox package): masked
-    directories that contain one get it bound back in, read-only.
+    directories and /tmp that contain one get it bound back in, read-only. Returns the names of the entries
+    of /tmp that hold such paths (a job's clean-up must leave them).
     """
     if not report.active("mount_namespace"):
         for layer in ("masked_paths", "readonly_root", "private_proc", "private_tmp"):
             report.layers[layer] = "no mount namespace"
-        return
+        return []
     try:
         for path in MASKED_DIRS:
             _mask_directory(path, [k for k in keep if k.startswith(path + "/")])
@@ -245,30 +246,36 @@ def isolate_filesystem(report: IsolationReport, keep: list[str], scratch_mb: int
         report.layers["readonly_root"] = ACTIVE
     except OSError as exc:
         report.layers["readonly_root"] = f"refused: {exc.strerror}"
+    in_scratch = [k for k in keep if k.startswith(SCRATCH + "/")]
     try:
-        linux.mount("tmpfs", SCRATCH, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                    f"size={scratch_mb}m,nr_inodes=4096,mode=0755")
+        _cover(SCRATCH, in_scratch, f"size={scratch_mb}m,nr_inodes=4096,mode=0755")
         report.layers["private_tmp"] = ACTIVE
     except OSError as exc:
         report.layers["private_tmp"] = f"refused: {exc.strerror}"
-    if not report.active("pid_namespace"):
+    if report.active("pid_namespace"):
+        try:
+            flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+            linux.mount("proc", "/proc", "proc", flags)
+            report.layers["private_proc"] = ACTIVE
+        except OSError as exc:
+            report.layers["private_proc"] = f"refused: {exc.strerror}"
+    else:
         report.layers["private_proc"] = "no PID namespace"
-        return
-    try:
-        flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-        linux.mount("proc", "/proc", "proc", flags)
-        report.layers["private_proc"] = ACTIVE
-    except OSError as exc:
-        report.layers["private_proc"] = f"refused: {exc.strerror}"
+    return sorted({k[len(SCRATCH) + 1:].split("/")[0] for k in in_scratch}) if report.active("private_tmp") else []
 
 
 def _mask_directory(path: str, keep: list[str]) -> None:
     """Cover ``path`` with an empty tmpfs, then bind the ``keep`` paths under it back into place."""
     if os.path.islink(path) or not os.path.isdir(path):
         return
+    _cover(path, keep, "size=64k,mode=0755")
+
+
+def _cover(path: str, keep: list[str], options: str) -> None:
+    """Mount a tmpfs (``options``) on ``path``, then bind the ``keep`` paths under it back into place."""
     kept = [(k, os.open(k, os.O_PATH)) for k in _topmost(keep)]
     try:
-        linux.mount("tmpfs", path, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=64k,mode=0755")
+        linux.mount("tmpfs", path, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, options)
         for target, fd in kept:
             if os.path.isdir(f"/proc/self/fd/{fd}"):
                 os.makedirs(target, exist_ok=True)

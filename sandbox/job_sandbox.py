@@ -73,13 +73,16 @@ def enter_job_sandbox(cpu_seconds: int, fds: tuple[int, int, int, int], workdir:
         linux.drop_all_capabilities()
 
 
-def wipe_scratch(path: str, workdir: str) -> None:
-    """Delete everything a job left under ``path`` (never following symlinks); fast when it left nothing."""
+def wipe_scratch(path: str, workdir: str, keep: frozenset[str]) -> None:
+    """Delete everything a job left under ``path`` (never following symlinks) but the entries named in
+    ``keep`` (read-only host paths bound in); fast when it left nothing."""
     try:
         os.rmdir(workdir)
     except OSError:
         pass
     for entry in os.scandir(path):
+        if entry.name in keep:
+            continue
         if entry.is_dir(follow_symlinks=False):
             import shutil  # only when a job left a directory behind
 

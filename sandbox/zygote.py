@@ -70,6 +70,7 @@ class _Zygote:
         self._job_user: tuple[int, int] | None = params["job_user"]  # type: ignore[assignment]
         self._private_tmp: bool = params["private_tmp"]  # type: ignore[assignment]
         self._scratch_dir: str = params["scratch_dir"]  # type: ignore[assignment]
+        self._kept_in_scratch = frozenset(params["kept_in_scratch"])  # type: ignore[arg-type]
         self._pid1 = os.getpid() == 1
         self._devnull = os.open(os.devnull, os.O_RDONLY)
         self._poller = select.poll()
@@ -124,7 +125,7 @@ class _Zygote:
         self._wait_for_end(pid, seq)
         status, rusage = self._reap(pid)
         if self._private_tmp:
-            job_sandbox.wipe_scratch(job_sandbox.SCRATCH, job_sandbox.WORKDIR)
+            job_sandbox.wipe_scratch(job_sandbox.SCRATCH, job_sandbox.WORKDIR, self._kept_in_scratch)
         else:
             import shutil
 

@@ -81,8 +81,8 @@ def _boot(spec: ZygoteSpec) -> None:
     else:
         for layer in isolation.NAMESPACE_LAYERS:
             report.layers[layer] = "disabled by configuration"
-    isolation.isolate_filesystem(report, _paths_python_needs(spec.site_packages),
-                                 scratch_mb=4 * spec.limits.max_file_mb)
+    kept_in_scratch = isolation.isolate_filesystem(report, _paths_python_needs(spec.site_packages),
+                                                   scratch_mb=4 * spec.limits.max_file_mb)
     job_user = _choose_job_user(spec, report)
     # RLIMIT_NPROC counts every process of the job's real user; it is ignored for root.
     nproc_limit = (spec.limits.max_processes if job_user else
@@ -91,6 +91,7 @@ def _boot(spec: ZygoteSpec) -> None:
     isolation.limit_job_resources(spec.limits, job_user, nproc_limit)
     params = {"control_fd": spec.control_fd, "cpu_seconds": spec.limits.cpu_seconds, "job_user": job_user,
               "private_tmp": report.active("private_tmp"), "scratch_dir": spec.scratch_dir,
+              "kept_in_scratch": kept_in_scratch,
               "site_packages": list(spec.site_packages), "layers": report.layers}
     os.set_inheritable(spec.control_fd, True)
     command = boot_command("sandbox.zygote", marshal.dumps(params).hex())

@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import socket
+import subprocess
+import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -208,3 +211,26 @@ def _cmdline_has(proc: Path, marker: str) -> bool:
 def test_unknown_disabled_layer_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown isolation layers"):
         IsolationConfig(disabled=("network",))
+
+
+def test_a_sandbox_installed_under_tmp_is_kept_visible_and_read_only() -> None:
+    # /tmp is replaced by a private tmpfs; the zygote is exec'd after that, so it must still find its package
+    # (a checkout or virtual environment under /tmp), bound back in read-only and left alone between jobs.
+    copy = Path("/tmp") / f"persd-sandbox-copy-{uuid.uuid4().hex}"
+    shutil.copytree(REPO / "sandbox", copy / "sandbox", ignore=shutil.ignore_patterns("__pycache__"))
+    script = textwrap.dedent(f'''
+        import sys
+        sys.path.insert(0, {str(copy)!r})
+        from sandbox import Job, SandboxPool, TestSuite
+        program = "def f():\\n    try:\\n        open({str(copy / 'evil')!r}, 'w')\\n        return 'written'\\n" \\
+                  "    except OSError as exc:\\n        return exc.strerror\\n"
+        with SandboxPool(workers=1, timeout=5.0) as pool:
+            results = pool.run_batch([Job(program, TestSuite("f", ("assert f() == 'Read-only file system'",)))] * 2)
+        print([r.status.value for r in results])
+    ''')
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip() == "['passed', 'passed']", done.stderr[-2000:]
+        assert not (copy / "evil").exists() and (copy / "sandbox" / "zygote.py").exists()
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
