@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import site
 import socket
 import subprocess
 import threading
@@ -52,7 +53,8 @@ class _WorkerProcess:
         self.name = name
         self.cpu = cpu
         self.conn = Connection(ours.detach())
-        self.conn.send((limits, config, cpu))
+        # site-packages as this process sees them: workers start with -S, which also hides a virtualenv's
+        self.conn.send((limits, config, cpu, tuple(site.getsitepackages())))
         self.queue: deque[int] = deque()  # indices sent and not yet answered, in order
         self.last_heard = time.monotonic()
         self.layers: dict[str, str] | None = None

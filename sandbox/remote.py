@@ -125,6 +125,8 @@ class Session:
         self.last_call: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
         self._planned: collections.deque[bytes] = collections.deque()  # answered ahead, not yet asked
         self.off_plan = False
+        self._buffer = io.BytesIO()
+        self._pickler = _Pickler(self._buffer, self)  # one per session: a request is pickled per test
 
     def load(self, program: bytes | str, names: tuple[str, ...], planned: tuple[bytes, ...] = ()
              ) -> dict[str, Any]:
@@ -153,16 +155,19 @@ class Session:
         """Run ``op`` on ``target`` in the job and return the stand-in for its answer."""
         if self.ended is not None:
             raise self.ended
-        buf = io.BytesIO()
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        self._pickler.clear_memo()
         try:
-            _Pickler(buf, self).dump((op, target._handle, *payload))
+            self._pickler.dump((op, target._handle, *payload))
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise TypeError(f"cannot pass this value to the program: {exc}") from None
+        request = self._buffer.getvalue()
         if self.off_plan:
             raise PlanMismatch()
         if not self._planned:
-            self._send(buf.getvalue())
-        elif buf.getvalue() != self._planned.popleft():
+            self._send(request)
+        elif request != self._planned.popleft():
             self.off_plan = True  # for good: the job's answers no longer line up with the requests
             raise PlanMismatch()
         reply = self._receive()

@@ -60,13 +60,13 @@ def _forward_logs(link: _PoolLink) -> None:
 
 def main() -> None:
     """Entry point of a worker process: ``python -c <boot> <fd> <name>``; the first message is its config
-    (limits, isolation, and the CPU to pin itself, its zygote and its jobs to, or None)."""
+    (limits, isolation, the CPU to pin itself, its zygote and its jobs to (or None), site-packages)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when workers stop
     link = _PoolLink(int(sys.argv[1]))
-    limits, config, cpu = link.recv()
+    limits, config, cpu, site_packages = link.recv()
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})  # before the zygote starts: it and every job inherit it
-    zygote = ZygoteHandle(limits, config, sys.argv[2])
+    zygote = ZygoteHandle(limits, config, sys.argv[2], site_packages)
     zygote.launch()
     # Imported while the zygote boots (its first ~10 ms are spent waiting to join its cgroup).
     from sandbox.judge import Judge

@@ -124,7 +124,11 @@ def _choose_job_user(spec: ZygoteSpec, report: isolation.IsolationReport) -> tup
 
 
 def _paths_python_needs(site_packages: tuple[str, ...]) -> list[str]:
+    """What the zygote and its jobs must still see: the interpreter (as named, a virtualenv's included, and as
+    resolved), the standard library, ``site_packages`` and this package."""
+    named = os.path.dirname(sys.executable)
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path, *site_packages,
-             str(Path(__file__).parents[1]), os.path.dirname(os.path.realpath(sys.executable))}
+             str(Path(__file__).parents[1]), named, os.path.dirname(named),
+             os.path.dirname(os.path.realpath(sys.executable))}
     return sorted({os.path.realpath(p) for p in roots if p and os.path.exists(p)})
 

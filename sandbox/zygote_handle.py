@@ -11,7 +11,6 @@ import os
 import select
 import shutil
 import signal
-import site
 import socket
 import tempfile
 import time
@@ -41,8 +40,9 @@ class JobExit:
 class ZygoteHandle:
     """The worker's side of its zygote: start, run a job, end it, stop."""
 
-    def __init__(self, limits: Limits, config: IsolationConfig, name: str) -> None:
-        self._limits, self._config, self._name = limits, config, name
+    def __init__(self, limits: Limits, config: IsolationConfig, name: str, site_packages: tuple[str, ...] = ()
+                 ) -> None:
+        self._limits, self._config, self._name, self._site_packages = limits, config, name, site_packages
         self._scratch = tempfile.mkdtemp(prefix=f"{LEFTOVER_PREFIX}{name}-")
         self._pid: int | None = None  # the process forked to boot the zygote
         self._control: socket.socket | None = None
@@ -71,7 +71,7 @@ class ZygoteHandle:
             except OSError as exc:
                 state = f"unavailable: {exc.strerror or exc}"
         control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spec = ZygoteSpec(theirs.fileno(), self._limits, self._config.namespaces, tuple(site.getsitepackages()),
+        spec = ZygoteSpec(theirs.fileno(), self._limits, self._config.namespaces, self._site_packages,
                           self._scratch, os.getuid(), os.getpid(), self._cgroup, state, self._config.disabled)
         with theirs:
             self._pid = os.fork()
