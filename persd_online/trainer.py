@@ -315,18 +315,12 @@ class LoraTrainer:
 
     def restore(self) -> bool:
         """Load the latest checkpoint under `checkpoints/`, if any; True if one was loaded."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         pointer = self.checkpoints_dir / POINTER
         if not pointer.is_file():
             return False
         directory = self.checkpoints_dir / json.loads(pointer.read_text())["latest"]
         state = json.loads((directory / "state.json").read_text())
-        weights = load_file(directory / "adapter" / "adapter_model.safetensors", device=str(self.device))
-        result = set_peft_model_state_dict(self.model, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"checkpoint {directory} does not match this LoRA config: {result.unexpected_keys}")
+        self._load_adapter(directory / "adapter")
         optim = torch.load(directory / "optim.pt", map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(optim["optimizer"])
         self.scheduler.load_state_dict(optim["scheduler"])
@@ -342,9 +336,42 @@ class LoraTrainer:
         self.fresh = [Example(**e) for e in state["fresh"]]
         self.replay.load_state(state["replay"])
         pending = state["pending"]
-        if not newer_published:
+        if newer_published:
+            self._adopt_versions_after(state["version"])
+        else:
             self._pending = _Pending(pending["example_ids"], pending["losses"], pending["staleness_max"])
         return True
+
+    def _adopt_versions_after(self, checkpointed: int) -> None:
+        """Versions published after the checkpoint hold the steps taken since it: continue from the newest one's
+        weights and counters, and take the examples they trained out of the buffers. Trained again from the
+        checkpoint, those examples would give the same weights again: a version with no effect, which the
+        student refuses."""
+        trained: set[str] = set()
+        meta: dict[str, Any] = {}
+        for version in published_versions(self.adapters_dir):
+            if version > checkpointed:
+                meta = json.loads((self.adapters_dir / f"v{version:04d}" / VERSION_FILE).read_text())
+                trained.update(meta["example_ids"])
+        self._load_adapter(self.adapters_dir / f"v{self.version:04d}")
+        self.stats.train_steps, self.stats.examples_trained = meta["step"], meta["examples_seen"]
+        for example in self.fresh:
+            if example.example_id in trained:
+                self.replay.add(example)
+        self.fresh = [e for e in self.fresh if e.example_id not in trained]
+        self.seen |= trained
+        log.info("versions v%d..v%d were published after the checkpoint: continuing from v%d", checkpointed + 1,
+                 self.version, self.version)
+
+    def _load_adapter(self, directory: Path) -> None:
+        """Set the LoRA weights to those saved in `directory` (a version or a checkpoint)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(directory / "adapter_model.safetensors", device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{directory} does not match this LoRA config: {result.unexpected_keys}")
 
     def report(self) -> dict[str, Any]:
         """The counters and last-step figures, plus the version and buffer sizes."""

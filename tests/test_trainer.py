@@ -146,21 +146,44 @@ def test_resume_continues_versions_optimizer_and_curve(student_model, tmp_path, 
         pass
     steps = first.stats.train_steps
     first.publish()
-    first.add(fixed[:1] + [fixed[0].model_copy(update={"example_id": "pending"})])
+    first.add([fixed[0].model_copy(update={"example_id": "pending"})])
     replay_held = len(first.replay)
     first.save_checkpoint()
     next_loss = first.train_step()  # what the uninterrupted trainer does next
-    first.publish()  # published after the checkpoint: a resumed trainer must not reuse v2
 
-    resumed = LoraTrainer(config, student_model, tmp_path)
-    assert resumed.version == 2 and resumed.stats.train_steps == steps == 3
-    assert [e.example_id for e in resumed.fresh] == [fixed[0].example_id, "pending"]
-    assert len(resumed.replay) == replay_held > 0
+    resumed = LoraTrainer(config, student_model, tmp_path)  # killed here: resumed from the checkpoint
+    assert resumed.version == 1 and resumed.stats.train_steps == steps == 3
+    assert [e.example_id for e in resumed.fresh] == ["pending"] and len(resumed.replay) == replay_held > 0
     state_a = first.optimizer.state_dict()["state"]
     state_b = resumed.optimizer.state_dict()["state"]
     assert state_b and all(state_b[k]["step"] == steps for k in state_b) and len(state_a) == len(state_b)
     assert resumed.train_step() == pytest.approx(next_loss, rel=1e-4)  # the same curve, step for step
-    assert resumed.publish().version == 3
+    assert resumed.publish().version == 2
+
+
+def test_a_version_published_after_the_checkpoint_is_continued_not_trained_again(student_model, tmp_path,
+                                                                                 tokenizer) -> None:
+    config = make_config(replay_fraction=0.5, batch_examples=2)
+    first = LoraTrainer(config, student_model, tmp_path)
+    fixed = examples(tokenizer)
+    first.add(fixed)
+    while first.train_step() is not None:
+        pass
+    first.publish()
+    first.add([fixed[0].model_copy(update={"example_id": "pending"})])
+    first.save_checkpoint()
+    first.train_step()
+    second = first.publish()  # after the checkpoint: its step must not be taken, nor published, again
+
+    resumed = LoraTrainer(config, student_model, tmp_path)
+    assert resumed.version == 2 and resumed.stats.train_steps == second.step
+    assert resumed.fresh == [] and "pending" in resumed.seen
+    saved = {k: v for k, v in first.model.state_dict().items() if "lora_" in k}
+    assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in saved.items())  # v2's weights
+    resumed.add([fixed[1].model_copy(update={"example_id": "new"})])
+    assert resumed.train_step() is not None and resumed.publish().version == 3
+    after = resumed.model.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in saved.items())  # v3 differs from v2
     assert fresh_per_version(config.trainer) == 1 * config.trainer.publish_every_steps
 
 
