@@ -115,9 +115,6 @@ class PidsCgroup:
         """Move process ``pid`` (and so every process it will create) into the group."""
         (self.path / "cgroup.procs").write_text(str(pid))
 
-    def current(self) -> int:
-        return int((self.path / "pids.current").read_text())
-
     def remove(self) -> None:
         """Remove the group; it must be empty (the worker kills its zygote first)."""
         try:

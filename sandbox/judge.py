@@ -40,9 +40,6 @@ class Judge:
     def stop(self) -> None:
         self._zygote.close()
 
-    def pids_in_use(self) -> int | None:
-        return self._zygote.pids_in_use()
-
     def execute(self, job: Job, attempts: int) -> Result:
         """Run one job; harness failures are retried while ``attempts`` last, then reported."""
         start = time.monotonic()

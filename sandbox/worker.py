@@ -68,7 +68,7 @@ def main() -> None:
         os.sched_setaffinity(0, {cpu})  # before the zygote starts: it and every job inherit it
     zygote = ZygoteHandle(limits, config, sys.argv[2], site_packages)
     zygote.launch()
-    # Imported while the zygote boots (its first ~10 ms are spent waiting to join its cgroup).
+    # Imported while the zygote boots (its first ~10-20 ms are spent waiting to join its cgroup).
     from sandbox.judge import Judge
 
     _forward_logs(link)

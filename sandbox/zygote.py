@@ -36,6 +36,7 @@ import signal
 import socket
 import sys
 import time
+from typing import TypedDict
 
 from sandbox import candidate, job_sandbox
 
@@ -49,12 +50,25 @@ EXIT_SETUP_FAILED = 121
 _REAP_SECONDS = 5.0
 
 
+class ZygoteParams(TypedDict):
+    """What the boot hands the zygote it execs (marshalled, hex, on the command line)."""
+
+    control_fd: int
+    cpu_seconds: int  # each job's CPU-time limit
+    job_user: tuple[int, int] | None  # (uid, gid) jobs switch to, if any
+    private_tmp: bool  # /tmp is this worker's own tmpfs (jobs work in WORKDIR, wiped after each)
+    scratch_dir: str  # where job directories are made without a private /tmp
+    kept_in_scratch: list[str]  # entries of the private /tmp bound in from the host: never wiped
+    site_packages: list[str]
+    layers: dict[str, str]  # the isolation report so far
+
+
 def main() -> None:
     """Entry point, exec'd by :mod:`sandbox.zygote_boot`: ``python -I -S -c <boot> <marshalled-params-hex>``."""
-    params = marshal.loads(bytes.fromhex(sys.argv[1]))
+    params: ZygoteParams = marshal.loads(bytes.fromhex(sys.argv[1]))
     sys.dont_write_bytecode = True
     sys.path.extend(params["site_packages"])
-    job_sandbox.lock_down_zygote(params["layers"])  # type: ignore[arg-type]
+    job_sandbox.lock_down_zygote(params["layers"])
     for name in PRELOADED_MODULES:
         importlib.import_module(name)
     candidate.warm_up()
@@ -64,13 +78,13 @@ def main() -> None:
 
 
 class _Zygote:
-    def __init__(self, params: dict[str, object]) -> None:
-        self._control = socket.socket(fileno=params["control_fd"])  # type: ignore[arg-type]
-        self._cpu_seconds: int = params["cpu_seconds"]  # type: ignore[assignment]
-        self._job_user: tuple[int, int] | None = params["job_user"]  # type: ignore[assignment]
-        self._private_tmp: bool = params["private_tmp"]  # type: ignore[assignment]
-        self._scratch_dir: str = params["scratch_dir"]  # type: ignore[assignment]
-        self._kept_in_scratch = frozenset(params["kept_in_scratch"])  # type: ignore[arg-type]
+    def __init__(self, params: ZygoteParams) -> None:
+        self._control = socket.socket(fileno=params["control_fd"])
+        self._cpu_seconds = params["cpu_seconds"]
+        self._job_user = params["job_user"]
+        self._private_tmp = params["private_tmp"]
+        self._scratch_dir = params["scratch_dir"]
+        self._kept_in_scratch = frozenset(params["kept_in_scratch"])
         self._pid1 = os.getpid() == 1
         self._devnull = os.open(os.devnull, os.O_RDONLY)
         self._poller = select.poll()

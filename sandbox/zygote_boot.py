@@ -23,6 +23,7 @@ from sandbox import isolation
 from sandbox.boot import boot_command
 from sandbox.isolation import PidsCgroup
 from sandbox.job import Limits
+from sandbox.zygote import ZygoteParams
 
 # The zygote and its jobs see only this environment: nothing of the worker's leaks into programs.
 # LD_BIND_NOW: the zygote resolves every symbol once, instead of each job writing (copying) the pages of the
@@ -89,10 +90,10 @@ def _boot(spec: ZygoteSpec) -> None:
                    user_processes + spec.limits.max_processes if spec.outer_uid != 0 else None)
     report.layers["rlimit_nproc"] = isolation.ACTIVE if nproc_limit else "ignored by the kernel for root"
     isolation.limit_job_resources(spec.limits, job_user, nproc_limit)
-    params = {"control_fd": spec.control_fd, "cpu_seconds": spec.limits.cpu_seconds, "job_user": job_user,
-              "private_tmp": report.active("private_tmp"), "scratch_dir": spec.scratch_dir,
-              "kept_in_scratch": kept_in_scratch,
-              "site_packages": list(spec.site_packages), "layers": report.layers}
+    params = ZygoteParams(control_fd=spec.control_fd, cpu_seconds=spec.limits.cpu_seconds, job_user=job_user,
+                          private_tmp=report.active("private_tmp"), scratch_dir=spec.scratch_dir,
+                          kept_in_scratch=kept_in_scratch, site_packages=list(spec.site_packages),
+                          layers=report.layers)
     os.set_inheritable(spec.control_fd, True)
     command = boot_command("sandbox.zygote", marshal.dumps(params).hex())
     os.execve(command[0], command, SCRUBBED_ENV)

@@ -58,7 +58,7 @@ class ZygoteHandle:
     def launch(self) -> None:
         """Fork the process that boots the zygote (:mod:`sandbox.zygote_boot`) and return at once.
 
-        The boot first joins the zygote's pids cgroup, which waits ~20 ms for an RCU grace period: time in
+        The boot first joins the zygote's pids cgroup, which waits ~10-20 ms for an RCU grace period: time in
         which the worker can do something else (import what its judge needs).
         """
         self._starts += 1
@@ -142,10 +142,6 @@ class ZygoteHandle:
         """Stop the zygote for good and remove its scratch directory."""
         self.stop()
         shutil.rmtree(self._scratch, ignore_errors=True)
-
-    def pids_in_use(self) -> int | None:
-        """Processes in this zygote's cgroup (zygote included), if it has one."""
-        return self._cgroup.current() if self._cgroup else None
 
     def _receive(self, deadline: float) -> tuple[Any, ...]:
         message, fds = self._receive_fds(deadline)
