@@ -54,6 +54,7 @@ _WARNINGS = {
     "capabilities": "capabilities not dropped",
     "seccomp": "no seccomp filter: programs can create user namespaces and use keyrings, bpf, io_uring",
     "socket_filter": "no socket filter either: programs can open network connections",
+    "job_site_packages": "programs can import only the standard library",
 }
 NAMESPACE_LAYERS = tuple(_NAMESPACE_FLAGS)
 

@@ -103,21 +103,30 @@ def _choose_job_user(spec: ZygoteSpec, report: isolation.IsolationReport) -> tup
     """Run jobs as an unprivileged uid when we are really root and the Python installation is reachable.
 
     This holds with or without the namespaces: where they are refused, the uid is what keeps a job from
-    signalling, reading the environment of, or writing the files of the root-owned host processes.
+    signalling, reading the environment of, or writing the files of the root-owned host processes. Whether
+    that user can also read site-packages is reported (``job_site_packages``): a virtualenv inside a directory
+    only root may enter (``mktemp -d`` makes them so) leaves jobs the standard library alone.
     """
     if spec.outer_uid != 0 or os.geteuid() != 0:
         report.layers["job_user"] = "not root: jobs keep the worker's uid, without capabilities"
+        report.layers["job_site_packages"] = "not needed (jobs keep the worker's uid)"
         return None
     user = isolation.job_user_for(spec.worker_pid)
     pid = os.fork()
-    if pid == 0:  # probe: can that user read the interpreter's standard library?
+    if pid == 0:  # probe: can that user read the interpreter's standard library, and site-packages?
         os.setresgid(user[1], user[1], user[1])
         os.setresuid(user[0], user[0], user[0])
-        readable = os.access(os.__file__, os.R_OK) and os.access(os.path.dirname(os.__file__), os.X_OK)
-        os._exit(0 if readable else 1)
-    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        if not (os.access(os.__file__, os.R_OK) and os.access(os.path.dirname(os.__file__), os.X_OK)):
+            os._exit(1)
+        os._exit(0 if all(os.access(p, os.R_OK | os.X_OK) for p in spec.site_packages if os.path.isdir(p)) else 2)
+    probe = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if probe not in (0, 2):
         report.layers["job_user"] = "the Python installation is not readable by other users: jobs run as root"
+        report.layers["job_site_packages"] = "not needed (jobs run as root)"
         return None
+    report.layers["job_site_packages"] = isolation.ACTIVE if probe == 0 else (
+        f"not readable by the job user: {', '.join(spec.site_packages)} (make them and the directories above "
+        f"them readable by others)")
     if not report.active("private_tmp"):
         os.chmod(spec.scratch_dir, 0o711)  # job directories are made in here: let the job user reach its own
     report.layers["job_user"] = isolation.ACTIVE

@@ -40,4 +40,7 @@ def test_programs_import_from_the_interpreters_site_packages(pool: SandboxPool) 
     pytest.importorskip("numpy")  # not a module of the standard library: found only through site-packages
     program = "import numpy\n\ndef f():\n    return str(int(numpy.arange(4).sum()))\n"
     result = pool.run(program, TestSuite("f", ("assert f() == '6'",)))
-    assert result.status is Status.PASSED, (result.feedback, result.stderr)
+    if pool.isolation.layers["job_site_packages"].startswith("not readable"):  # said so, with a warning
+        assert result.feedback == "ModuleNotFoundError: No module named 'numpy'"
+    else:
+        assert result.status is Status.PASSED, (result.feedback, result.stderr)
