@@ -112,13 +112,14 @@ def _choose_job_user(spec: ZygoteSpec, report: isolation.IsolationReport) -> tup
         report.layers["job_site_packages"] = "not needed (jobs keep the worker's uid)"
         return None
     user = isolation.job_user_for(spec.worker_pid)
+    site_dirs = [p for p in spec.site_packages if os.path.isdir(p)]  # as root: for the job user, isdir says False
     pid = os.fork()
     if pid == 0:  # probe: can that user read the interpreter's standard library, and site-packages?
         os.setresgid(user[1], user[1], user[1])
         os.setresuid(user[0], user[0], user[0])
         if not (os.access(os.__file__, os.R_OK) and os.access(os.path.dirname(os.__file__), os.X_OK)):
             os._exit(1)
-        os._exit(0 if all(os.access(p, os.R_OK | os.X_OK) for p in spec.site_packages if os.path.isdir(p)) else 2)
+        os._exit(0 if all(os.access(p, os.R_OK | os.X_OK) for p in site_dirs) else 2)
     probe = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     if probe not in (0, 2):
         report.layers["job_user"] = "the Python installation is not readable by other users: jobs run as root"
