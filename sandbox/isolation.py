@@ -10,8 +10,8 @@ Worker level, before any program exists, so that its cost is paid once:
     namespace does not open the network).
 Job level, in each forked child before the program loads:
     new session (without a PID namespace) → its own empty working directory in the private tmpfs → stdin
-    ``/dev/null``, stdout/stderr to size-limited memory files, every other descriptor closed → CPU-time limit
-    → the job user (or, without one, all capabilities cleared).
+    ``/dev/null``, stdout/stderr to pipes the judge drains (:mod:`sandbox.output`), every other descriptor
+    closed → CPU-time limit → the job user (or, without one, all capabilities cleared).
 
 Every step either takes effect or is recorded in the :class:`IsolationReport` with the reason the kernel
 gave; the worker logs a warning for each missing one. Invariants: a refused step never enables a more

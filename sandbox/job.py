@@ -48,8 +48,8 @@ class Limits:
     memory_mb: int = 1024  # address space of each process of the job
     max_processes: int = 32  # processes and threads of a job (pids cgroup per worker, RLIMIT_NPROC)
     max_open_files: int = 256
-    max_file_mb: int = 16  # largest file the job may write; also bounds captured stdout and stderr
-    output_tail_chars: int = 2000  # how much of the end of stdout/stderr a Result keeps
+    max_file_mb: int = 16  # largest file the job may write (stdout and stderr are pipes: never capped)
+    output_tail_chars: int = 2000  # how much of the end of stdout/stderr a Result keeps (the rest is dropped)
 
     def __post_init__(self) -> None:
         if not (self.timeout > 0 and self.memory_mb > 0 and self.max_processes > 0 and self.max_open_files > 0

@@ -64,6 +64,8 @@ def enter_job_sandbox(cpu_seconds: int, fds: tuple[int, int, int, int], workdir:
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     os.closerange(len(fds), max_fd())
+    os.set_blocking(1, True)  # pipes the judge drains (sandbox.output): non-blocking only on the judge's side
+    os.set_blocking(2, True)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
     if job_user is not None:
         uid, gid = job_user

@@ -1,10 +1,11 @@
 """The judge: runs each job in a process of its zygote and decides the verdict, in the trusted worker.
 
-Per job it takes from the zygote the process it forked ahead (its channel and the memory files of its
-stdout/stderr), talks to it through a :class:`~sandbox.remote.Session` while the tests run here (the calls
-planned by :mod:`sandbox.plan` answered ahead; a request off the plan re-runs the job unplanned), then has
-the zygote kill and reap everything the job created. A harness failure (zygote died, job process never came
-up) restarts the zygote and retries the job once; a second failure is reported as ``sandbox_error``.
+Per job it takes from the zygote the process it forked ahead (its channel and the pipes of its stdout/stderr,
+drained whenever the judge waits: :mod:`sandbox.output`), talks to it through a
+:class:`~sandbox.remote.Session` while the tests run here (the calls planned by :mod:`sandbox.plan` answered
+ahead; a request off the plan re-runs the job unplanned), then has the zygote kill and reap everything the
+job created. A harness failure (zygote died, job process never came up) restarts the zygote and retries the
+job once; a second failure is reported as ``sandbox_error``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sandbox.checks import CheckRun, CompiledSuite, InvalidTests, compile_suite,
 from sandbox.errors import SandboxFailure
 from sandbox.feedback import render_error
 from sandbox.job import Job, Limits
+from sandbox.output import OutputTail
 from sandbox.program import program_payload
 from sandbox.remote import CandidateRaised, JobEnded, PlanMismatch, Session
 from sandbox.result import Result, Status, TestOutcome
@@ -28,6 +30,7 @@ from sandbox.zygote_handle import JobExit, ZygoteHandle
 logger = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+_FAILURE_STDERR_CHARS = 500  # of a job process that failed to come up, in the sandbox failure's message
 
 
 class Judge:
@@ -76,14 +79,23 @@ class Judge:
         start = time.monotonic()
         seq, (channel, out, err) = self._zygote.start_job()
         ours = socket.socket(fileno=channel)
+        chars = self._limits.output_tail_chars
+        keep_bytes = 4 * max(chars, _FAILURE_STDERR_CHARS)  # UTF-8: at most 4 bytes a character
+        stdout, stderr = OutputTail(out, keep_bytes), OutputTail(err, keep_bytes)
         try:
-            session = Session(wire.DeadlineChannel(ours, MAX_FRAME_BYTES), start + self._limits.timeout)
+            session = Session(wire.DeadlineChannel(ours, MAX_FRAME_BYTES, (stdout, stderr)),
+                              start + self._limits.timeout)
+            failure: SandboxFailure | None = None
             try:
                 stage = self._load_and_check(program, suite, session, planned)
             except SandboxFailure as exc:
-                raise SandboxFailure(f"{exc}; job stderr: {_tail(err, 500)!r}") from None
+                failure = exc
             finally:
                 exit_info = self._zygote.finish(seq)
+            stdout.drain_to_end()  # every process of the job is gone: what it wrote is all in the pipes
+            stderr.drain_to_end()
+            if failure is not None:
+                raise SandboxFailure(f"{failure}; job stderr: {stderr.text(_FAILURE_STDERR_CHARS)!r}")
             if session.off_plan:  # even if a test swallowed the PlanMismatch
                 raise PlanMismatch()
             ended = self._ending(session.ended, exit_info) if session.ended is not None else None
@@ -92,9 +104,8 @@ class Judge:
             else:
                 status, feedback = stage or ended  # type: ignore[misc]
                 tests = _not_run(suite)
-            chars = self._limits.output_tail_chars
             return Result(status, feedback, tests, time.monotonic() - start, exit_info.max_rss_kb / 1024,
-                          _tail(out, chars), _tail(err, chars), attempt)
+                          stdout.text(chars), stderr.text(chars), attempt)
         finally:
             ours.close()
             os.close(out)
@@ -136,12 +147,3 @@ class Judge:
 def _not_run(suite: CompiledSuite) -> tuple[TestOutcome, ...]:
     return tuple(TestOutcome(t, Status.NOT_RUN)
                  for t, is_test in zip(suite.tests, suite.is_test, strict=True) if is_test)
-
-
-def _tail(fd: int, chars: int) -> str:
-    """The last ``chars`` characters written to a memory file (undecodable bytes replaced)."""
-    if chars <= 0:
-        return ""
-    size = os.fstat(fd).st_size
-    data = os.pread(fd, chars * 4, max(0, size - chars * 4))
-    return data.decode("utf-8", "replace")[-chars:]

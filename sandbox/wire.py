@@ -2,9 +2,10 @@
 
 Frames are a 4-byte big-endian length followed by the payload. The judge reads frames from the job with a
 deadline and a size cap, so a job that stalls mid-frame, floods, or lies about lengths cannot hang or bloat
-the judge. Job → judge payloads are ``marshal`` data that the judge accepts only if every node is an exact
-builtin plain type (:data:`PLAIN_TYPES`); ``marshal`` itself never runs code, and anything else (code objects,
-cycles, oversized trees) is rejected as a protocol error.
+the judge; while it waits, it drains the job's output pipes (:mod:`sandbox.output`), which would otherwise fill
+and stall the job. Job → judge payloads are ``marshal`` data that the judge accepts only if every node is an
+exact builtin plain type (:data:`PLAIN_TYPES`); ``marshal`` itself never runs code, and anything else (code
+objects, cycles, oversized trees) is rejected as a protocol error.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import select
 import socket
 import struct
 import time
+from typing import TYPE_CHECKING
 
 from sandbox.errors import ProtocolError
+
+if TYPE_CHECKING:  # the job side (and so the zygote) never imports it
+    from sandbox.output import OutputTail
 
 PLAIN_TYPES: frozenset[type] = frozenset(
     {type(None), bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset}
@@ -65,15 +70,19 @@ def _recv_exact_blocking(sock: socket.socket, size: int) -> bytes | None:
 
 
 class DeadlineChannel:
-    """Judge side of a job channel: non-blocking socket, every read and write bounded by a deadline."""
+    """Judge side of a job channel: non-blocking socket, every read and write bounded by a deadline; the job's
+    ``outputs`` are drained whenever the judge waits."""
 
-    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+    def __init__(self, sock: socket.socket, max_frame_bytes: int, outputs: tuple[OutputTail, ...] = ()) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._max = max_frame_bytes
         self._buf = bytearray()
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
+        self._outputs = {output.fd: output for output in outputs}
+        for fd in self._outputs:
+            self._poll.register(fd, select.POLLIN)
 
     def send(self, payload: bytes, deadline: float) -> None:
         """Send one frame; raises ``JobTimeout`` or ``ConnectionError`` (the job went away)."""
@@ -112,7 +121,11 @@ class DeadlineChannel:
         if remaining <= 0:
             raise JobTimeout()
         self._poll.modify(self._sock.fileno(), events)
-        self._poll.poll(remaining * 1000.0)
+        for fd, _ in self._poll.poll(remaining * 1000.0):
+            output = self._outputs.get(fd)
+            if output is not None and not output.drain():  # no writer left: stop watching it
+                self._poll.unregister(fd)
+                del self._outputs[fd]
 
 
 def to_plain(value: object) -> object:

@@ -11,7 +11,7 @@ to leave the boot's modules behind. It serves this control protocol on a ``SOCK_
                                                                        is in its pids cgroup, or why not
     zygote → worker   ("hello", {layer: state})                        once, when ready
     worker → zygote   ("run", seq)
-    zygote → worker   ("job", seq) + descriptors [channel, stdout, stderr]
+    zygote → worker   ("job", seq) + descriptors [channel, stdout, stderr]  (the judge's ends: socket, pipes)
     zygote → worker   ("done", seq, wait_status, max_rss_kb, cpu_s)    when the job is over
     worker → zygote   ("kill", seq)                                    end the job now
 
@@ -105,18 +105,18 @@ class _Zygote:
 
     def _prepare(self) -> tuple[int, str, list[int]]:
         """Fork the next job's process, sandboxed, its stdio and channel in place, waiting for the program:
-        (pid, working directory, [the judge's end of the channel, the stdout and stderr memory files])."""
+        (pid, working directory, [the judge's ends of the channel and of the stdout and stderr pipes])."""
         workdir = self._make_workdir()
         judge_end, job_end = socket.socketpair()
-        stdout = os.memfd_create("stdout", os.MFD_CLOEXEC)
-        stderr = os.memfd_create("stderr", os.MFD_CLOEXEC)
+        stdout, job_stdout = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # the job makes its own ends blocking
+        stderr, job_stderr = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         pid = os.fork()
         if pid == 0:
             try:
                 self._control.close()
                 if not self._private_tmp:
                     os.environ["HOME"] = os.environ["TMPDIR"] = workdir
-                stdio_and_channel = (self._devnull, stdout, stderr, job_end.fileno())
+                stdio_and_channel = (self._devnull, job_stdout, job_stderr, job_end.fileno())
                 job_sandbox.enter_job_sandbox(self._cpu_seconds, stdio_and_channel, workdir, self._job_user,
                                               new_session=not self._pid1)
                 candidate.serve(socket.socket(fileno=3))
@@ -127,6 +127,8 @@ class _Zygote:
             finally:
                 os._exit(EXIT_SETUP_FAILED)
         job_end.close()
+        os.close(job_stdout)
+        os.close(job_stderr)
         return pid, workdir, [judge_end.detach(), stdout, stderr]
 
     def _run_job(self, seq: int, job: tuple[int, str, list[int]]) -> None:
