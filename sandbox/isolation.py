@@ -2,8 +2,9 @@
 
 Worker level, before any program exists, so that its cost is paid once:
     pids cgroup (created by the worker, which moves the booting zygote into it) → user namespace (non-root
-    only) → mount, PID, network, IPC and UTS namespaces → whole filesystem read-only and private, fresh
-    ``/proc`` → job user, the rlimits every job shares; then, in the exec'd zygote
+    only) → mount, PID, network, IPC and UTS namespaces → host scratch and home directories masked, a minimal
+    ``/etc`` (:data:`ETC_FILES`), the network namespace's own ``/sys``, whole filesystem read-only and
+    private, fresh ``/proc`` → job user, the rlimits every job shares; then, in the exec'd zygote
     (:func:`sandbox.job_sandbox.lock_down_zygote`): capability bounding set emptied, securebits locked,
     ``no_new_privs``, non-dumpable, child subreaper → seccomp filter (no new user namespaces, no
     keyrings/bpf/io_uring; and ``socket(2)`` refused outright when there is no network namespace, so a refused
@@ -37,7 +38,10 @@ from sandbox.job_sandbox import ACTIVE, SCRATCH, max_fd
 
 # Host places that hold other users' data, sockets or shared memory; covered by an empty tmpfs in the worker.
 MASKED_DIRS = ("/var/tmp", "/run", "/var/run", "/dev/shm", "/home", "/root", "/srv", "/mnt", "/media")
-MASKED_FILES = ("/etc/shadow", "/etc/gshadow")
+# All programs see of the host's /etc (an empty tmpfs otherwise): what the dynamic loader, local time, OpenSSL
+# (ssl, hashlib) and the standard library's table lookups (mimetypes, socket.getservbyname/getprotobyname)
+# read. Nothing that names the host, its users or its network: no passwd, group, hosts, hostname, resolv.conf.
+ETC_FILES = ("ld.so.cache", "localtime", "ssl/openssl.cnf", "mime.types", "services", "protocols")
 _NAMESPACE_FLAGS = {
     "mount_namespace": linux.CLONE_NEWNS,
     "pid_namespace": linux.CLONE_NEWPID,
@@ -51,6 +55,8 @@ _WARNINGS = {
     "mount_namespace": "no mount namespace: programs can write wherever the worker's user can",
     "readonly_root": "filesystem not read-only: programs can write wherever the worker's user can",
     "private_proc": "host /proc visible: programs can list host processes",
+    "private_etc": "host /etc visible: programs can read its user names, host names and resolver settings",
+    "private_sys": "host /sys visible: programs can read the host's network interfaces and their addresses",
     "capabilities": "capabilities not dropped",
     "seccomp": "no seccomp filter: programs can create user namespaces and use keyrings, bpf, io_uring",
     "socket_filter": "no socket filter either: programs can open network connections",
@@ -219,26 +225,38 @@ def _continue_as_pid1() -> None:
 
 
 def isolate_filesystem(report: IsolationReport, keep: list[str], scratch_mb: int) -> list[str]:
-    """Hide host scratch and home directories, make every mount read-only and private, mount a fresh /proc
-    and a private writable tmpfs of ``scratch_mb`` MiB at /tmp.
+    """Hide host scratch and home directories, show a minimal /etc and the network namespace's own /sys, make
+    every mount read-only and private, mount a fresh /proc and a private writable tmpfs of ``scratch_mb`` MiB
+    at /tmp. All of it once per worker: a job pays nothing for it.
 
     ``keep`` lists paths the zygote must still see (the Python installation, the sandbox package): masked
-    directories and /tmp that contain one get it bound back in, read-only. Returns the names of the entries
-    of /tmp that hold such paths (a job's clean-up must leave them).
+    directories, /etc and /tmp that contain one get it bound back in, read-only. Returns the names of the
+    entries of /tmp that hold such paths (a job's clean-up must leave them).
     """
     if not report.active("mount_namespace"):
-        for layer in ("masked_paths", "readonly_root", "private_proc", "private_tmp"):
+        for layer in ("masked_paths", "private_etc", "private_sys", "readonly_root", "private_proc", "private_tmp"):
             report.layers[layer] = "no mount namespace"
         return []
     try:
         for path in MASKED_DIRS:
             _mask_directory(path, [k for k in keep if k.startswith(path + "/")])
-        for path in MASKED_FILES:
-            if os.path.isfile(path):
-                linux.mount("/dev/null", path, None, linux.MS_BIND)
         report.layers["masked_paths"] = ACTIVE
     except OSError as exc:
         report.layers["masked_paths"] = f"refused: {exc.strerror}"
+    etc_files = [path for path in (f"/etc/{name}" for name in ETC_FILES) if os.path.exists(path)]
+    try:
+        _cover("/etc", etc_files + [k for k in keep if k.startswith("/etc/")], "size=64k,nr_inodes=64,mode=0755")
+        report.layers["private_etc"] = ACTIVE
+    except OSError as exc:
+        report.layers["private_etc"] = f"refused: {exc.strerror}"
+    if report.active("network_namespace"):
+        try:  # a sysfs mounted in a network namespace lists only its interfaces (here: lo)
+            linux.mount("sysfs", "/sys", "sysfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            report.layers["private_sys"] = ACTIVE
+        except OSError as exc:
+            report.layers["private_sys"] = f"refused: {exc.strerror}"
+    else:
+        report.layers["private_sys"] = "no network namespace"
     try:
         linux.make_tree_readonly_private("/")
         report.layers["readonly_root"] = ACTIVE

@@ -22,6 +22,7 @@ import pytest
 from conftest import MEMORY_MB, REPO, SECRET, TIMEOUT
 
 from sandbox import IsolationConfig, Job, SandboxPool, Status, TestSuite
+from sandbox.isolation import ETC_FILES
 
 RETURNS_EMPTY = TestSuite("f", ("assert f(1) == []",))
 DOUBLES = TestSuite("f", ("assert f(1) == 2", "assert f(3) == 6"))
@@ -113,6 +114,37 @@ def test_seccomp_refuses_user_namespaces_and_risky_syscalls_but_not_fork_or_thre
                       f"clone3:{os.strerror(38)}", f"io_uring_setup:{EPERM}", "fork:7", "thread"]
 
 
+def test_programs_see_nothing_of_the_hosts_etc_or_network_interfaces(pool: SandboxPool) -> None:
+    if not pool.isolation.active("mount_namespace"):
+        pytest.skip(f"no mount namespace here: {pool.isolation.layers}")  # the fallback test covers this case
+    assert pool.isolation.active("private_etc") and pool.isolation.active("private_sys")
+    program = textwrap.dedent('''
+        import os, socket, ssl, time
+        def read(path):
+            try:
+                with open(path) as file:
+                    return file.read()
+            except OSError as exc:
+                return type(exc).__name__
+        def f():
+            seen = {path: read(path) for path in ("/etc/passwd", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf")}
+            seen["/etc"] = sorted(os.listdir("/etc"))
+            seen["/sys/class/net"] = os.listdir("/sys/class/net")
+            seen["uname"] = os.uname().nodename
+            seen["stdlib"] = [time.localtime().tm_year > 2000, socket.getservbyname("http"), ssl.OPENSSL_VERSION[:7]]
+            raise RuntimeError(repr(seen))
+    ''')
+    result = pool.run(program, TestSuite("f", ("assert f() is None",)))
+    assert result.status is Status.ERROR and result.feedback.startswith("RuntimeError: "), result.feedback
+    seen = eval(result.feedback.removeprefix("RuntimeError: "))  # noqa: S307 - our own repr
+    assert seen == {"/etc/passwd": "FileNotFoundError", "/etc/hosts": "FileNotFoundError",
+                    "/etc/hostname": "FileNotFoundError", "/etc/resolv.conf": "FileNotFoundError",
+                    "/etc": sorted({name.split("/")[0] for name in ETC_FILES if os.path.exists(f"/etc/{name}")}),
+                    "/sys/class/net": ["lo"], "uname": "sandbox", "stdlib": [True, 80, "OpenSSL"]}
+    for user in Path("/etc/passwd").read_text().splitlines()[:3]:  # nothing of the host's reached the feedback
+        assert user.split(":")[0] not in result.feedback
+
+
 def test_network_namespace_refused_sockets_are_still_refused(
         listeners: tuple[int, str], pool: SandboxPool, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="sandbox")
@@ -122,9 +154,11 @@ def test_network_namespace_refused_sockets_are_still_refused(
         results = fallback.run_batch([Job(network_program(*listeners), RETURNS_EMPTY), Job(INNOCENT, DOUBLES)])
     assert layers["network_namespace"] == "disabled by configuration"
     assert any("no network namespace" in r.getMessage() for r in caplog.records)
-    # Every other layer is as it is with the namespace.
-    assert {k: v for k, v in layers.items() if k not in ("network_namespace", "socket_filter")} == {
-        k: v for k, v in pool.isolation.layers.items() if k not in ("network_namespace", "socket_filter")}
+    # Every other layer is as it is with the namespace (but the /sys of its own, which needs it).
+    netns_layers = ("network_namespace", "socket_filter", "private_sys")
+    assert {k: v for k, v in layers.items() if k not in netns_layers} == {
+        k: v for k, v in pool.isolation.layers.items() if k not in netns_layers}
+    assert layers["private_sys"] == "no network namespace"
     if platform.machine() in SECCOMP_MACHINES:
         assert layers["socket_filter"] == "active"
         assert results[0].status is Status.PASSED, results[0].feedback  # no connection, no socket at all
@@ -182,7 +216,8 @@ def test_without_any_namespace_what_is_still_enforced(
             '''), RETURNS_EMPTY)
         restarts = fallback.restarts
     warnings = " | ".join(r.getMessage() for r in caplog.records)
-    for missing in ("no PID namespace", "no network namespace", "no mount namespace", "host /proc visible"):
+    for missing in ("no PID namespace", "no network namespace", "no mount namespace", "host /proc visible",
+                    "host /etc visible", "host /sys visible"):
         assert missing in warnings
     assert all(layers[k] == "disabled by configuration" for k in ("mount_namespace", "pid_namespace",
                                                                    "network_namespace", "ipc_uts_namespaces"))
