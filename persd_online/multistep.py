@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -88,6 +88,13 @@ async def _seen_verdicts(executor: Executor, tasks: dict[str, Task], programs: l
     return {p[0]: v for p, v in zip(programs, verdicts, strict=True)}
 
 
+def capped(sampling: Sampling, task_ids: Sequence[str], caps: Mapping[str, int] | None) -> Sampling:
+    """`sampling` with each prompt's token cap (prompts in `task_ids` order); unchanged without caps."""
+    if caps is None:
+        return sampling
+    return dataclasses.replace(sampling, max_tokens_each=tuple(caps[t] for t in task_ids))
+
+
 def _sample(student: Generator, tasks: Sequence[Task], n: int, sampling: Sampling, version: int) -> list[Attempt]:
     """`n` samples per task, task-major. Greedy decoding has one answer (vLLM refuses n > 1 for it): it is
     generated once and repeated, so every figure below reads the same for any temperature."""
@@ -99,17 +106,18 @@ def _sample(student: Generator, tasks: Sequence[Task], n: int, sampling: Samplin
 
 
 async def evaluate(student: Generator, executor: Executor, tasks: Sequence[Task], *, n: int, sampling: Sampling,
-                   refine_steps: int, fmt: PromptFormat, version: int = 0, task_set: str = "tasks"
-                   ) -> MultiStepResult:
+                   refine_steps: int, fmt: PromptFormat, version: int = 0, task_set: str = "tasks",
+                   caps: Mapping[str, int] | None = None) -> MultiStepResult:
     """One-step pass@k, multi-step pass@1 per step, and the equal-budget baseline (see the module docstring).
 
-    The student is called directly (its engine blocks; nothing else runs meanwhile); sandbox calls run
+    `caps`: each task's token cap by task id (`token_caps`), for first samples and refinements alike. The
+    student is called directly (its engine blocks; nothing else runs meanwhile); sandbox calls run
     concurrently.
     """
     start = time.monotonic()
     by_id = {t.task_id: t for t in tasks}
     budget = n * (refine_steps + 1)
-    samples = _sample(student, tasks, budget, sampling, version)
+    samples = _sample(student, tasks, budget, capped(sampling, [t.task_id for t in tasks], caps), version)
     first = [a for a in samples if a.sample_index < n]  # the samples refinement starts from
     hidden = await score(executor, tasks, samples)
     hidden_of = {a.attempt_id: v for a, v in zip(samples, hidden, strict=True)}
@@ -130,7 +138,7 @@ async def evaluate(student: Generator, executor: Executor, tasks: Sequence[Task]
             continue
         prompts = [refine_prompt(by_id[task_id], program, verdict.feedback, fmt)
                    for _, task_id, program, verdict in todo]
-        outputs = student.generate_prompts(prompts, sampling, 1, version)
+        outputs = student.generate_prompts(prompts, capped(sampling, [t for _, t, _, _ in todo], caps), 1, version)
         programs = [(f"{sid}#r{step}", task_id, extract_program(by_id[task_id], out[0].text, fmt))
                     for (sid, task_id, _, _), out in zip(todo, outputs, strict=True)]
         new_seen = await _seen_verdicts(executor, by_id, programs)

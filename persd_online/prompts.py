@@ -21,6 +21,11 @@ from persd_online.tasks import Task
 Messages = list[dict[str, str]]
 
 ANSWER_RULE = "Answer with the complete code in one ```python code block."
+# Where a generation's program ends. Chat: the closing fence of the code block (a fence followed by a new line;
+# an opening fence is followed by a language name). Completion: the next top-level statement (extraction cuts at
+# the first unindented line anyway; stopping there saves the tokens).
+CHAT_STOP = ("\n```\n",)
+COMPLETION_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#")
 _FENCE = re.compile(r"```[ \t]*[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
@@ -48,6 +53,11 @@ def _completion_header(task: Task) -> str:
     header = task.header or f"def {task.entry_point}(*args):"
     doc = "\n    ".join(task.prompt.strip().splitlines())
     return f'{header}\n    """{doc}\n    """\n'
+
+
+def stop_sequences(fmt: PromptFormat) -> tuple[str, ...]:
+    """The stop strings that end a generation where its program ends (not included in the output)."""
+    return CHAT_STOP if fmt == "chat" else COMPLETION_STOP
 
 
 def attempt_prompt(task: Task, fmt: PromptFormat) -> Messages | str:

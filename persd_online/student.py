@@ -38,18 +38,16 @@ import ray
 from persd_online.atomic import publish_dir
 from persd_online.config import StudentConfig
 from persd_online.engine import Generation, GenerationEngine, Sampling, engine_env
-from persd_online.prompts import Messages, attempt_prompt, extract_program, render
+from persd_online.prompts import Messages, attempt_prompt, extract_program, render, stop_sequences
 from persd_online.records import Attempt
 from persd_online.tasks import Task
+from persd_online.token_caps import token_caps
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 VERSION_FILE = "adapter_version.json"
 ZERO_ADAPTER = "zero-adapter"
-# Stop a completion-format attempt where its function ends; extraction cuts at the first unindented line
-# anyway, stopping there saves the tokens.
-COMPLETION_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#")
 # The delivery rule: a new version counts as delivered when the largest absolute change, over the probe's
 # tokens, of their teacher-forced log-probs (nats) against the previous version exceeds this. Log-probs, not
 # greedy text: a barely trained adapter often keeps the same greedy text. Identical weights give 0.0 on the
@@ -179,8 +177,13 @@ class Student:
     def default_sampling(self) -> Sampling:
         """The configured sampling for first attempts, with the stop sequences of the prompt format."""
         c = self.config
-        stop = COMPLETION_STOP if c.prompt_format == "completion" else ()  # chat stops at eos
-        return Sampling(temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_new_tokens, stop=stop)
+        return Sampling(temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_new_tokens,
+                        stop=stop_sequences(c.prompt_format) if c.stop_at_program_end else ())
+
+    def token_caps(self, tasks: Sequence[Task], factor: float | None, margin: int, max_new_tokens: int) -> list[int]:
+        """Per-task generation caps from the tasks' reference lengths in this student's tokens (`token_caps`)."""
+        return token_caps(tasks, self.tokenizer, self.config.prompt_format, factor=factor, margin=margin,
+                          max_new_tokens=max_new_tokens)
 
     def load_adapter(self, version: int, path: str | Path) -> SwapReport:
         """Serve the published adapter at `path` as `version`, without restarting the engine.

@@ -77,9 +77,10 @@ class ServerEngine:
         results: list[list[Generation]] = [[] for _ in prompts]
         for version in dict.fromkeys(versions):  # one request per version (the API takes one model each)
             indices = [i for i, v in enumerate(versions) if v == version]
+            caps = sampling.caps(len(prompts))
             response = self._client.completions.create(
                 model=self._name(version), prompt=[list(prompts[i]) for i in indices], n=n,
-                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=max(caps[i] for i in indices),
                 stop=list(sampling.stop) or None, seed=sampling.seed, extra_body={"return_token_ids": True},
             )
             # vLLM orders the choices of a batched request prompt-major: choice k is prompt k // n.

@@ -11,9 +11,8 @@ from safetensors.torch import load_file
 
 from persd_online.config import StudentConfig
 from persd_online.engine import Generation, Sampling, engine_env
-from persd_online.prompts import extract_program
+from persd_online.prompts import CHAT_STOP, COMPLETION_STOP, extract_program
 from persd_online.student import (
-    COMPLETION_STOP,
     DELIVERY_ATOL,
     MARKER,
     AdapterDeliveryError,
@@ -121,7 +120,7 @@ def test_chat_attempts_carry_version_program_and_token_counts(student_model, wor
                for a in attempts)
     assert attempts[0].program == "def add(a, b):\n    return a + b\n"
     prompts, versions, n, sampling = engine.calls[-1]
-    assert versions == [0, 0] and n == 2 and sampling.stop == () and sampling.max_tokens == 256
+    assert versions == [0, 0] and n == 2 and sampling.stop == CHAT_STOP and sampling.max_tokens == 256
     rendered = student.tokenizer.apply_chat_template(
         [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
     assert student.tokenizer.decode(prompts[0]).startswith(rendered.split("x")[0])  # the chat template, once
