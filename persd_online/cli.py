@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from persd_online.config import ConfigError, dump_config, load_config
-from persd_online.tasks import TaskFormatError
+from persd_online.tasks import TaskFormatError, TaskSpecError
 
 log = logging.getLogger("persd_online")
 
@@ -91,24 +91,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from persd_online import offline
+    from persd_online.heldout import scoring_student
     from persd_online.multistep import evaluate, table
     from persd_online.tasks import load_tasks
 
     config, model_path, work = _offline_setup(args)
     spec = args.tasks or config.eval.tasks[0]
     tasks = load_tasks(spec)[: args.limit or config.eval.limit]
-    student = offline.local_student(config.student, model_path, work / "student")
+    student, version = scoring_student(config, model_path, args.adapter, work)  # checks the adapter first
     try:
-        version = offline.load_adapter(student, args.adapter)
+        max_tokens = args.max_tokens or config.eval.max_new_tokens
         sampling = dataclasses.replace(
             student.default_sampling(), temperature=config.eval.temperature if args.temperature is None
-            else args.temperature, max_tokens=args.max_tokens or config.eval.max_new_tokens)
+            else args.temperature, max_tokens=max_tokens)
         if sampling.temperature > 0:
             sampling = dataclasses.replace(sampling, seed=config.seed)
+        caps = dict(zip([t.task_id for t in tasks], student.token_caps(
+            tasks, config.eval.cap_factor, config.eval.cap_margin, max_tokens), strict=True))
         with offline.open_pool(config) as pool:
             result = asyncio.run(evaluate(
                 student, offline.PoolExecutor(pool), tasks, n=args.n or config.eval.n_samples, sampling=sampling,
-                refine_steps=args.refine_steps, fmt=config.student.prompt_format, version=version, task_set=spec))
+                refine_steps=args.refine_steps, fmt=config.student.prompt_format, version=version, task_set=spec,
+                caps=caps))
     finally:
         student.shutdown()
     result.extra = {"config_name": config.name, "method": config.method, "student": config.student.model,
@@ -146,6 +150,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     versions = offline.train_offline(config, model_path, examples, args.out, epochs=args.epochs, info=info)
     print(f"trained on {len(examples)} examples for {args.epochs} epoch(s); published versions {versions} "
           f"under {Path(args.out) / 'adapters'}")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from persd_online.config import ARMS
+    from persd_online.experiment import run_experiment
+
+    overrides = list(args.overrides)
+    if args.arms:
+        unknown = [a for a in args.arms if a not in ARMS]
+        if unknown:
+            raise ConfigError(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+        overrides.append("experiment.arms=[" + ", ".join(args.arms) + "]")
+    config = load_config(args.config, overrides)
+    out = args.out or Path(config.runs_dir) / config.name / "experiment" / "results"
+    run_experiment(config, out)
+    print((out / "experiment.md").read_text())
+    print(f"wrote {out / 'experiment.json'}, {out / 'experiment.md'}, {out / 'experiment.png'}")
     return 0
 
 
@@ -240,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("experiment", help="train several arms on one pool and compare them on held-out tasks",
+                       description="Run the arms (base, stand, inpd, persd, online, online_uniform) on the same "
+                                   "task pool with the same budget of examples or teacher calls, score each on "
+                                   "the same held-out sets, and write experiment.json, a markdown table and a "
+                                   "PNG with 95%% intervals and paired tests. Finished arms are not run again.")
+    _add_config_args(p)
+    p.add_argument("--arms", nargs="+", metavar="ARM", help="arms to run (default: experiment.arms)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="results directory (default: RUNS_DIR/NAME/experiment/"
+                                                            "results); per-arm JSON under DIR/arms/")
+    p.set_defaults(func=_cmd_experiment)
+
     p = sub.add_parser("compare", help="one table (and plot) across run directories and eval results",
                        description="Compare runs (directories with summary.json) and `eval --out` results: "
                                    "method, adapter, teacher cost, pass@1 one-step and multi-step.")
@@ -252,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return func(args)
-    except (ConfigError, TaskFormatError, FileNotFoundError) as exc:
+    except (ConfigError, TaskFormatError, TaskSpecError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

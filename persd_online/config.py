@@ -37,12 +37,19 @@ class StudentConfig(_Section):
     cpu_kvcache_gib: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU engines.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     enforce_eager: bool = Field(True, description="Skip graph compilation (~40 s on CPU).")
+    serve_lora: bool = Field(True, description="false: a plain engine serving the checkpoint's weights only "
+                             "(version 0); offline scoring uses it on merged adapters (LoRA serving is ~3x slower "
+                             "on CPU).")
     max_lora_rank: int = Field(16, ge=1)
     max_loras: int = Field(3, ge=1, description="Adapter versions kept loaded at once.")
     prompt_format: Literal["chat", "completion"] = Field(
         "chat", description="chat: the instruct template, fenced code extracted; completion: header + body."
     )
     max_new_tokens: int = Field(256, ge=1)
+    stop_at_program_end: bool = Field(True, description="Stop generating where the program ends: the closing "
+                                      "code fence (chat), the next top-level statement (completion).")
+    stop_repetition: bool = Field(True, description="End a generation whose last tokens repeat one block "
+                                  "(persd_online.repetition); outputs that end normally are unchanged.")
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     samples_per_task: int = Field(2, ge=1)
@@ -162,12 +169,18 @@ class CurriculumConfig(_Section):
 class EvalConfig(_Section):
     """Held-out evaluation of the current adapter."""
 
-    tasks: list[str] = Field(default_factory=lambda: ["humaneval", "mbpp:test"], description="Held-out task sets.")
-    limit: int | None = Field(20, ge=1, description="Tasks per held-out set (None: all).")
+    tasks: list[str] = Field(default_factory=lambda: ["mbpp:test"], description="Held-out task sets.")
+    limit: int | None = Field(100, ge=1, description="Tasks per held-out set (None: all): the base and final "
+                              "evaluations score them all, with a 95% interval and a paired test.")
     n_samples: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(320, ge=1)
-    every_versions: int = Field(6, ge=1, description="Evaluate every K adapter versions.")
+    cap_factor: float | None = Field(1.5, gt=0, description="Cap each task's new tokens at this many times its "
+                                     "reference's length plus cap_margin (persd_online.token_caps); null: no cap.")
+    cap_margin: int = Field(32, ge=0)
+    every_versions: int | None = Field(None, ge=1, description="Also evaluate every K adapter versions, on the "
+                                       "first progress_limit tasks of each set (null: base and final only).")
+    progress_limit: int = Field(20, ge=1, description="Tasks of each set a progress evaluation scores.")
     num_cpus: float = Field(0.1, ge=0)
 
 
@@ -190,7 +203,27 @@ class BudgetConfig(_Section):
     max_wall_s: float | None = Field(840.0, gt=0)
     max_attempts: int | None = Field(None, ge=1)
     max_examples: int | None = Field(None, ge=1)
+    max_teacher_calls: int | None = Field(None, ge=1)
     max_versions: int | None = Field(None, ge=1)
+
+
+ArmName = Literal["base", "stand", "inpd", "persd", "online", "online_uniform"]
+ARMS: tuple[str, ...] = ("base", "stand", "inpd", "persd", "online", "online_uniform")
+
+
+class ExperimentConfig(_Section):
+    """`persd-online experiment`: arms trained on the same pool, scored on the same held-out sets."""
+
+    arms: list[ArmName] = Field(default_factory=lambda: list(ARMS), description="Arms to run, in this order.")
+    match: Literal["examples", "teacher_calls"] = Field(
+        "examples", description="What every training arm gets the same amount of: distinct verified examples, "
+        "or teacher calls (a reference label counts as one call).")
+    budget: int = Field(120, ge=1, description="That amount, per training arm.")
+    heldout: list[str] = Field(default_factory=lambda: ["mbpp:test", "humaneval"],
+                               description="Held-out sets every arm is scored on.")
+    heldout_limit: int | None = Field(None, ge=1, description="First N tasks of each held-out set (None: all).")
+    epochs: int = Field(2, ge=1, description="Offline arms: epochs over their examples.")
+    online_max_wall_s: float = Field(3600.0, gt=0, description="Online arms: wall-clock cap of the loop.")
 
 
 class Config(_Section):
@@ -212,6 +245,7 @@ class Config(_Section):
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import ray
 from ray.util.queue import Queue
 
 from persd_online.config import Config
-from persd_online.evaluator import EvaluatorActor, check_disjoint
+from persd_online.evaluator import EvaluatorActor, check_disjoint, describe_change
 from persd_online.executor import SandboxExecutor
 from persd_online.loop import Actors, LoopState, OnlineLoop
 from persd_online.models import resolve_model
@@ -93,6 +94,7 @@ def _start_actors(config: Config, run: RunDir, heldout: dict[str, list[Task]],
 
 
 def _execute(config: Config, run: RunDir, state: LoopState | None) -> dict[str, Any]:
+    started = time.monotonic()
     connect(config)
     pool, heldout = _tasks(config)
     run.event("start", pool=config.tasks.pool, tasks=len(pool), heldout={k: len(v) for k, v in heldout.items()},
@@ -102,7 +104,8 @@ def _execute(config: Config, run: RunDir, state: LoopState | None) -> dict[str, 
                     "is an ORACLE baseline, not PERsD; set teacher.kind=openai with an endpoint for PERsD.")
     actors = _start_actors(config, run, heldout, state)
     try:
-        summary = asyncio.run(OnlineLoop(config, run, pool, actors, state).run())
+        loop = OnlineLoop(config, run, pool, actors, state, startup_s=time.monotonic() - started)
+        summary = asyncio.run(loop.run())
     finally:
         stop_student(actors.student)
     run.write_summary(summary)
@@ -114,8 +117,10 @@ def _execute(config: Config, run: RunDir, state: LoopState | None) -> dict[str, 
 
 def describe(root: Path, summary: dict[str, Any]) -> str:
     """A few lines for the terminal: what the run did and where its results are."""
-    curve = "; ".join(f"{name} v{a['adapter_version']} {a['pass1']:.3f} -> v{b['adapter_version']} {b['pass1']:.3f}"
-                      for name, (a, b) in sorted(base_vs_final(summary["heldout"]).items()))
+    change = summary.get("heldout_change") or {}
+    curve = "\n    ".join(describe_change(name, c) for name, c in sorted(change.items())) or "; ".join(
+        f"{name} v{a['adapter_version']} {a['pass1']:.3f} -> v{b['adapter_version']} {b['pass1']:.3f}"
+        for name, (a, b) in sorted(base_vs_final(summary["heldout"]).items()))
     before, after = summary["trained_task_pass_before"], summary["trained_task_pass_after"]
     trained = "n/a" if before is None else f"{before:.3f} -> {after:.3f}"
     return (f"run {root} stopped: {summary['stop_reason']}\n"
@@ -125,7 +130,7 @@ def describe(root: Path, summary: dict[str, Any]) -> str:
             f"trained in {summary['train_steps']} steps\n"
             f"  adapters: {summary['adapters_published']} published, {summary['adapters_loaded_by_student']} "
             f"loaded by the student\n"
-            f"  held-out pass@1, base student -> trained adapter: {curve}\n"
+            f"  held-out pass@1, base student -> trained adapter:\n    {curve}\n"
             f"  greedy pass rate on the {summary['trained_tasks']} trained tasks, v0 -> final: {trained}\n"
             f"  summary: {root / 'summary.json'}; report: {root / 'report'}")
 

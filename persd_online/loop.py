@@ -38,7 +38,7 @@ from persd_online.budget import BudgetExhausted
 from persd_online.config import Config
 from persd_online.curriculum import Curriculum
 from persd_online.engine import Sampling
-from persd_online.evaluator import EvalResult, score
+from persd_online.evaluator import EvalResult, heldout_change, score
 from persd_online.formats import attempt_examples
 from persd_online.metrics import LoopMetrics, ProgressDisplay
 from persd_online.records import Attempt, Verdict
@@ -49,6 +49,7 @@ from persd_online.tasks import Task
 from persd_online.teacher import TeacherUnavailable
 from persd_online.trainer import fresh_per_version, published_versions
 from persd_online.verify import Executor, RefinementOutcome
+from persd_online.wall_budget import last_full_eval, must_stop, reserve_s
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,7 +89,7 @@ class OnlineLoop:
     """One run of the online loop over a task pool (see the module docstring)."""
 
     def __init__(self, config: Config, run: RunDir, pool: list[Task], actors: Actors,
-                 state: LoopState | None = None) -> None:
+                 state: LoopState | None = None, startup_s: float = 0.0) -> None:
         self.config = config
         self.run_dir = run
         self.tasks = {t.task_id: t for t in pool}
@@ -98,7 +99,8 @@ class OnlineLoop:
         self.metrics = LoopMetrics(counters=state.counters if state else None)
         self.evals: list[dict[str, Any]] = state.evals if state else []
         self.trained_tasks: set[str] = set(state.trained_tasks) if state else set()
-        self.wall_offset = state.wall_s if state else 0.0
+        self.wall_offset = (state.wall_s if state else 0.0) + startup_s  # the run's clock includes its start-up
+        self._last_call_s = 0.0  # the longest generation call so far (the wall budget's reserve)
         self.gate = StalenessGate(config.max_staleness, fresh_per_version(config.trainer))
         self.refine_queue: asyncio.Queue[tuple[Task, Attempt, Verdict]] = asyncio.Queue(self.gate.capacity)
         self.student_version = 0
@@ -129,8 +131,10 @@ class OnlineLoop:
             for pick in picks:
                 self.run_dir.event("pick", task_id=pick.task_id, reason=pick.reason, value=pick.value)
             tasks = [self.tasks[p.task_id] for p in picks]
+            called = time.monotonic()
             with self.metrics.busy("student"):
                 attempts = await self._student_call(tasks, n)
+            self._last_call_s = max(self._last_call_s, time.monotonic() - called)
             with self.metrics.busy("sandbox"):
                 verdicts = await score(self.actors.executor, tasks, attempts)
             await self._record_attempts(attempts, verdicts)
@@ -273,16 +277,19 @@ class OnlineLoop:
         self.run_dir.event("swap", version=version, load_s=report.load_s, probe_s=report.probe_s,
                            logprob_delta=report.logprob_delta)
         self._check_budget()
-        if version % self.config.eval.every_versions == 0 and not self.stop.is_set():
-            await self._evaluate(version)  # once stopped, the wrap-up evaluates the final version instead
+        every = self.config.eval.every_versions
+        if every and version % every == 0 and not self.stop.is_set():
+            await self._evaluate(version, full=False)  # once stopped, the wrap-up evaluates the final version
 
-    async def _evaluate(self, version: int) -> list[EvalResult]:
+    async def _evaluate(self, version: int, full: bool = True) -> list[EvalResult]:
+        """Score `version` on the held-out sets: all their tasks, or (progress) the first eval.progress_limit."""
+        limit = None if full else self.config.eval.progress_limit
         with self.metrics.busy("evaluator"):
             results: list[EvalResult] = await self._with_student(
-                lambda: self.actors.evaluator.evaluate.remote(version))
+                lambda: self.actors.evaluator.evaluate.remote(version, limit))
         for result in results:
-            event = result.to_event() | {"teacher_calls": self.metrics.counters["teacher_calls"],
-                                         "wall_s": round(self._wall(), 1)}
+            event = result.to_event(full) | {"teacher_calls": self.metrics.counters["teacher_calls"],
+                                             "wall_s": round(self._wall(), 1)}
             self.evals.append(event)
             self.run_dir.event("eval", **event)
             self.metrics.set("heldout_pass1", result.pass1, task_set=result.task_set)
@@ -335,12 +342,16 @@ class OnlineLoop:
 
     def _check_budget(self) -> None:
         b, c = self.config.budget, self.metrics.counters
-        if b.max_wall_s is not None and self._wall() >= b.max_wall_s:
-            self._finish(f"budget.max_wall_s={b.max_wall_s:g} reached")
+        reserve = reserve_s(*last_full_eval(self.evals), len(self.trained_tasks), self._last_call_s)
+        if must_stop(self._wall(), b.max_wall_s, reserve):
+            self._finish(f"budget.max_wall_s={b.max_wall_s:g}: {reserve:.0f} s kept for the final evaluation "
+                         "and wrap-up")
         elif b.max_attempts is not None and c["attempts"] >= b.max_attempts:
             self._finish(f"budget.max_attempts={b.max_attempts} reached")
         elif b.max_examples is not None and c["examples_trained"] >= b.max_examples:
             self._finish(f"budget.max_examples={b.max_examples} reached")
+        elif b.max_teacher_calls is not None and c["teacher_calls"] >= b.max_teacher_calls:
+            self._finish(f"budget.max_teacher_calls={b.max_teacher_calls} reached")
         elif b.max_versions is not None and self.trainer_version >= b.max_versions:
             self._finish(f"budget.max_versions={b.max_versions} reached")
 
@@ -406,7 +417,8 @@ class OnlineLoop:
         self._note_published(final)
         if final > self.student_version:
             await self._swap(final)
-        if not self.evals or self.evals[-1]["adapter_version"] != self.student_version:
+        full = [e for e in self.evals if e.get("full", True)]
+        if not full or full[-1]["adapter_version"] != self.student_version:
             await self._evaluate(self.student_version)
         before, after = await self._trained_task_pass()
         await self.checkpoint()
@@ -445,6 +457,7 @@ class OnlineLoop:
             "heldout_pass1": [[e["adapter_version"], e["pass1"]] for e in self.evals
                               if e["task_set"] == self.config.eval.tasks[0]],
             "heldout": self.evals,
+            "heldout_change": heldout_change(self.evals),
             "trained_tasks": len(self.trained_tasks),
             "trained_task_pass_before": before,
             "trained_task_pass_after": after,

@@ -19,24 +19,34 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from persd_online.evaluator import describe_change  # noqa: E402
 from persd_online.run_dir import read_jsonl  # noqa: E402
 
 
 def _learning_curve(evals: list[dict[str, Any]], out: Path) -> None:
+    """Full evaluations (every held-out task) as filled points with their 95% intervals; progress evaluations
+    (the first `eval.progress_limit` tasks) as hollow points, a rougher and differently-sized sample."""
     fig, (by_calls, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     series: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for e in evals:
         series[e["task_set"]].append(e)
     for task_set, points in sorted(series.items()):
         points.sort(key=lambda e: e["wall_s"])
-        pass1 = [e["pass1"] for e in points]
-        by_calls.plot([e["teacher_calls"] for e in points], pass1, marker="o", label=task_set)
-        by_time.plot([e["wall_s"] / 60 for e in points], pass1, marker="o", label=task_set)
+        full = [e for e in points if e.get("full", True)]
+        progress = [e for e in points if not e.get("full", True)]
+        for ax, x in ((by_calls, lambda e: e["teacher_calls"]), (by_time, lambda e: e["wall_s"] / 60)):
+            err = [[e["pass1"] - e.get("ci_low", e["pass1"]) for e in full],
+                   [e.get("ci_high", e["pass1"]) - e["pass1"] for e in full]]
+            line = ax.errorbar([x(e) for e in full], [e["pass1"] for e in full], yerr=err, fmt="o-", capsize=3,
+                               label=f"{task_set} ({full[0]['n_tasks'] if full else '?'} tasks, 95% CI)")
+            if progress:
+                ax.plot([x(e) for e in progress], [e["pass1"] for e in progress], "o", mfc="none",
+                        color=line[0].get_color(), label=f"{task_set}, progress ({progress[0]['n_tasks']} tasks)")
         for e in points:
             by_time.annotate(f"v{e['adapter_version']}", (e["wall_s"] / 60, e["pass1"]), fontsize=7)
     by_calls.set(xlabel="teacher calls", ylabel="held-out pass@1", title="pass@1 vs teacher calls")
     by_time.set(xlabel="wall time (min)", title="pass@1 vs wall time")
-    by_calls.legend()
+    by_calls.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -68,13 +78,19 @@ def base_vs_final(evals: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any]
 
 def _summary_markdown(summary: dict[str, Any], evals: list[dict[str, Any]]) -> str:
     text = "# Run summary\n\n"
-    pairs = base_vs_final(evals)
-    if pairs:
-        text += "## Held-out pass@1: base student vs trained adapter\n\n| task set | base | trained |\n|---|---|---|\n"
-        text += "".join(f"| {name} | v{a['adapter_version']}: {a['pass1']:.3f} | v{b['adapter_version']}: "
-                        f"{b['pass1']:.3f} |\n" for name, (a, b) in sorted(pairs.items()))
-        text += "\n"
-    rows = [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in summary.items()]
+    change = summary.get("heldout_change") or {}
+    if change:
+        text += "## Held-out pass@1: base student vs trained adapter\n\n"
+        text += "".join(f"- {describe_change(name, c)}\n" for name, c in sorted(change.items())) + "\n"
+    else:
+        pairs = base_vs_final(evals)
+        if pairs:
+            text += "## Held-out pass@1: base student vs trained adapter\n\n| task set | base | trained |\n|---|---|---|\n"
+            text += "".join(f"| {name} | v{a['adapter_version']}: {a['pass1']:.3f} | v{b['adapter_version']}: "
+                            f"{b['pass1']:.3f} |\n" for name, (a, b) in sorted(pairs.items()))
+            text += "\n"
+    rows = [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in summary.items()
+            if k not in ("heldout", "heldout_change")]  # per-task outcomes: in summary.json
     return text + "## Figures\n\n| figure | value |\n|---|---|\n" + "\n".join(rows) + "\n"
 
 

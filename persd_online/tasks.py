@@ -92,6 +92,10 @@ class TaskFormatError(ValueError):
     """A task file has malformed records; the message lists each as `file:line: field: problem`."""
 
 
+class TaskSpecError(ValueError):
+    """A task-set spec that names no task set (an unknown set or MBPP split)."""
+
+
 def _ast(source: str) -> ast.Module:
     """Parse task data; its invalid escape sequences (common in MBPP) are the data's, not ours to warn on."""
     with warnings.catch_warnings():
@@ -195,7 +199,8 @@ def _mbpp_header(code: str, entry_point: str) -> str | None:
 def load_mbpp(split: MbppSplit = "all", path: Path = MBPP_FILE) -> list[Task]:
     """MBPP tasks of one standard split; the prompt shows the first test as the example (`seen_tests`)."""
     if split not in MBPP_SPLITS:
-        raise ValueError(f"unknown MBPP split {split!r}; choose one of {sorted(MBPP_SPLITS)}")
+        raise TaskSpecError(f"unknown MBPP split {split!r} in 'mbpp:{split}'; choose one of "
+                            f"{', '.join(f'mbpp:{s}' for s in MBPP_SPLITS)}")
     low, high = MBPP_SPLITS[split]
     tasks = []
     for _, rec in _read_jsonl(path):
@@ -227,29 +232,34 @@ def load_jsonl(path: str | Path) -> list[Task]:
     tasks: list[Task] = []
     errors: list[str] = []
     seen_ids: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(rec, dict):
-                errors.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                continue
-            try:
-                task = Task.model_validate({"source": str(path)} | rec)
-            except ValidationError as exc:
-                errors.extend(f"{where}: {_field_error(err)}" for err in exc.errors())
-                continue
-            if task.task_id in seen_ids:
-                errors.append(f"{where}: task_id: duplicate {task.task_id!r} (first on line {seen_ids[task.task_id]})")
-                continue
-            seen_ids[task.task_id] = lineno
-            tasks.append(task)
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            errors.append(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                          "save the file as UTF-8")
+            continue
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(rec, dict):
+            errors.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            continue
+        try:
+            task = Task.model_validate({"source": str(path)} | rec)
+        except ValidationError as exc:
+            errors.extend(f"{where}: {_field_error(err)}" for err in exc.errors())
+            continue
+        if task.task_id in seen_ids:
+            errors.append(f"{where}: task_id: duplicate {task.task_id!r} (first on line {seen_ids[task.task_id]})")
+            continue
+        seen_ids[task.task_id] = lineno
+        tasks.append(task)
     if errors:
         shown = "\n  ".join(errors[:20])
         more = f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else ""
@@ -277,4 +287,4 @@ def load_tasks(spec: str) -> list[Task]:
         return load_mbpp(split or "all")  # type: ignore[arg-type]
     if Path(spec).suffix == ".jsonl" or Path(spec).exists():
         return load_jsonl(spec)
-    raise ValueError(f"unknown task set {spec!r}: use humaneval, mbpp, mbpp:<split> or a path to a .jsonl file")
+    raise TaskSpecError(f"unknown task set {spec!r}: use humaneval, mbpp, mbpp:<split> or a path to a .jsonl file")
