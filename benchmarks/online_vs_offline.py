@@ -92,8 +92,10 @@ def run_offline(config: Config, epochs: int) -> dict[str, Any]:
     student = offline.local_student(config.student, model_path, root / "student")
     heldout = load_tasks(config.eval.tasks[0])[: config.eval.limit]
     sampling = student.default_sampling()
-    eval_sampling = dataclasses.replace(sampling, temperature=config.eval.temperature,
-                                        max_tokens=config.eval.max_new_tokens)
+    e = config.eval  # the same limits as the loop's evaluator: per-task token caps
+    eval_sampling = dataclasses.replace(sampling, temperature=e.temperature, max_tokens=e.max_new_tokens,
+                                        max_tokens_each=tuple(student.token_caps(heldout, e.cap_factor, e.cap_margin,
+                                                                                 e.max_new_tokens)))
     tasks = pool_tasks(config)
     clock.stage("start", began)
 

@@ -200,7 +200,7 @@ class RayConfig(_Section):
 class BudgetConfig(_Section):
     """When a run stops (whichever comes first)."""
 
-    max_wall_s: float | None = Field(840.0, gt=0)
+    max_wall_s: float | None = Field(1200.0, gt=0, description="The whole run, wrap-up included.")
     max_attempts: int | None = Field(None, ge=1)
     max_examples: int | None = Field(None, ge=1)
     max_teacher_calls: int | None = Field(None, ge=1)

@@ -4,8 +4,9 @@ The experiment's arms, the `eval` command and the evaluation-cost benchmark scor
 the adapter merged into the base weights (`merge.merge_adapter`) and served by a plain engine in this process
 (`scoring_student`: no LoRA, ~3x the tokens/s of LoRA serving on CPU), every task of a set in one engine
 call, the evaluation's limits (stop sequences of the prompt format, the repetition stop, per-task token caps
-from `eval.cap_factor`), scored on the hidden tests by the sandbox. Greedy decoding (`eval.temperature` 0) gives each task a rate of 0 or 1; at T > 0 a task's
-rate is its passing share of `eval.n_samples` samples, an unbiased estimate of its pass@1.
+from `eval.cap_factor`), scored on the hidden tests by the sandbox. Greedy decoding (`eval.temperature` 0)
+gives each task a rate of 0 or 1; at T > 0 a task's rate is its passing share of `eval.n_samples` samples, an
+unbiased estimate of its pass@1.
 
 Invariants: every set is scored under limits that depend only on the tasks and the config, never on the
 adapter, so two adapters scored here are comparable task by task; outcomes are keyed by task id in the

@@ -85,7 +85,8 @@ def _summary_markdown(summary: dict[str, Any], evals: list[dict[str, Any]]) -> s
     else:
         pairs = base_vs_final(evals)
         if pairs:
-            text += "## Held-out pass@1: base student vs trained adapter\n\n| task set | base | trained |\n|---|---|---|\n"
+            text += ("## Held-out pass@1: base student vs trained adapter\n\n"
+                     "| task set | base | trained |\n|---|---|---|\n")
             text += "".join(f"| {name} | v{a['adapter_version']}: {a['pass1']:.3f} | v{b['adapter_version']}: "
                             f"{b['pass1']:.3f} |\n" for name, (a, b) in sorted(pairs.items()))
             text += "\n"

@@ -168,6 +168,12 @@ def test_run_directory_contract(run) -> None:
         assert key in summary, key
     assert json.loads((root / "summary.json").read_text())["attempts"] == summary["attempts"]
     assert len(summary["heldout_pass1"]) >= 2
+    # version 0 against the final version on the same held-out tasks, paired, with the verdict in words
+    change = summary["heldout_change"]["mbpp:test"]
+    assert change["n_tasks"] == 2 and change["before"]["version"] == 0 and change["after"]["version"] >= 2
+    assert change["verdict"] in ("within noise", "better", "worse")
+    assert change["verdict"] in (root / "report" / "summary.md").read_text()
+    assert summary["wall_s"] <= 1.1 * 540  # budget.max_wall_s counts the wrap-up
     assert set(summary["stage_busy_fraction"]) >= {"student", "sandbox", "teacher", "trainer"}
     assert (root / "report" / "learning_curve.png").stat().st_size > 0
     assert (root / "checkpoints" / "loop.json").is_file()
