@@ -3,7 +3,8 @@
 Comparisons are paired, task by task (`stats.paired_difference`): on each held-out set, and on all held-out
 tasks pooled ("all"), every arm against every arm listed before it (so each against `base` when base runs
 first). The markdown table gives each arm's pass@1 with its 95% interval per set, its cost, and its paired
-difference against `base` on all tasks with the verdict in words; a second table gives every pair.
+difference against `base` on all tasks with the verdict in words; a second table gives that difference per
+set, a third every pair of training arms.
 
 Invariants: reads only `ArmResult`s (the committed per-arm JSON), so the report can be rebuilt from
 `benchmarks/results/` on any machine; an arm is compared only on tasks both arms were scored on.
@@ -93,6 +94,13 @@ def markdown(results: dict[str, ArmResult], rows: list[dict[str, Any]], config: 
             match = [x for x in rows if x["a"] == "base" and x["b"] == arm and x["task_set"] == ALL]
             cells.append(_words(match[0]) if match else "—")
         text += "| " + " | ".join(cells) + " |\n"
+    if has_base and len(results) > 1:
+        text += "\nAgainst base, per held-out set (arm − base):\n\n| arm | " + " | ".join(sets) + " |\n|---|"
+        text += "---|" * len(sets) + "\n"
+        for arm in list(results)[1:]:
+            cells = [next((_words(x) for x in rows if x["a"] == "base" and x["b"] == arm and x["task_set"] == s),
+                          "—") for s in sets]
+            text += f"| {arm} | " + " | ".join(cells) + " |\n"
     pairs = [x for x in rows if x["task_set"] == ALL and x["a"] != "base"]
     if pairs:
         text += "\nPairs of training arms, all held-out tasks (b − a):\n\n| a | b | difference [95% CI], p, verdict |\n"
