@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -75,8 +76,9 @@ def scoring_student(config: Config, model_path: str | Path, adapter: str | Path 
             raise
     if adapter is not None:
         version, directory = offline.resolve_adapter(adapter)
-        model_path = merge_adapter(model_path, directory, work_dir / "merged" / f"{directory.parent.parent.name}-"
-                                   f"{directory.name}-{abs(hash(str(directory.resolve()))) % 10**8:08d}")
+        # one merged checkpoint per adapter directory, found again by any later process (str hash() is salted)
+        key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:12]
+        model_path = merge_adapter(model_path, directory, work_dir / "merged" / f"{directory.name}-{key}")
     plain = config.student.model_copy(update={"serve_lora": False})
     return offline.local_student(plain, model_path, work_dir / "student"), 0
 
