@@ -202,7 +202,10 @@ class BudgetConfig(_Section):
 
     max_wall_s: float | None = Field(1200.0, gt=0, description="The whole run, wrap-up included.")
     max_attempts: int | None = Field(None, ge=1)
-    max_examples: int | None = Field(None, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="Examples consumed by optimizer steps (a "
+                                     "replayed or repeated example counts each time).")
+    max_distinct_examples: int | None = Field(None, ge=1, description="Distinct labels (task, program) sent to "
+                                              "the trainer.")
     max_teacher_calls: int | None = Field(None, ge=1)
     max_versions: int | None = Field(None, ge=1)
 

@@ -8,11 +8,16 @@ and a state:
 - `parked`: the teacher failed to fix it `park_after_teacher_failures` times and never succeeded, so it no
   longer burns teacher budget.
 
-The `learning_value` policy ranks active tasks by the expected value of one more attempt: the chance the
-student fails times the chance the teacher can fix the failure. Both are posterior means whose prior is the
-whole pool's observed rate (empirical Bayes, prior strength 2), so a never-attempted task scores exactly
-the pool's average, a task the student keeps failing and the teacher has fixed scores above it, and one the
-teacher could not fix scores below it. Tasks attempted by an older adapter than the current one get a
+The `learning_value` policy ranks active tasks by the expected number of new verified labels one more
+attempt yields: the chance the student fails, times the chance the teacher can fix the failure, times the
+chance the fix is a label the trainer has not had yet. All three are posterior means whose prior is the
+whole pool's observed rate (empirical Bayes, prior strength 2), so a never-attempted task scores the pool's
+average, a task the student keeps failing and the teacher has fixed scores above it, and one the teacher
+could not fix scores below it. The first fix of a task is new by definition; for a re-fix, the prior is the
+pool's rate of new labels among re-fixes. A teacher that refines the student's own attempt gives a new
+label almost every time (rate ~1: the term does not matter), while the reference oracle gives the same
+label every time (rate ~0: the curriculum moves on to tasks it has no label for, instead of re-picking a few
+tasks whose label it already trains on). Tasks attempted by an older adapter than the current one get a
 small bonus, since a re-attempt measures what training changed. The `uniform` policy picks active tasks at random, for
 comparison. Every pick carries its reason, which the loop writes to the events log.
 """
@@ -38,15 +43,34 @@ class TaskStats:
     consecutive_passes: int = 0
     last_version: int | None = None
     teacher_fixes: int = 0
+    teacher_repeats: int = 0  # fixes whose label the trainer already had
     teacher_failures: int = 0
     state: TaskState = "active"
 
-    def value(self, pool_fail: float, pool_fix: float) -> tuple[float, float]:
-        """Posterior means (p_fail, p_fix) with the pool's rates as the prior."""
-        p_fail = (self.attempts - self.passes + PRIOR_STRENGTH * pool_fail) / (self.attempts + PRIOR_STRENGTH)
+    @property
+    def refixes(self) -> int:
+        """Fixes after the first (the first is always a new label)."""
+        return max(self.teacher_fixes - 1, 0)
+
+    def value(self, pool: PoolRates) -> tuple[float, float, float]:
+        """Posterior means (p_fail, p_fix, p_new) with the pool's rates as the prior."""
+        p_fail = (self.attempts - self.passes + PRIOR_STRENGTH * pool.fail) / (self.attempts + PRIOR_STRENGTH)
         refined = self.teacher_fixes + self.teacher_failures
-        p_fix = (self.teacher_fixes + PRIOR_STRENGTH * pool_fix) / (refined + PRIOR_STRENGTH)
-        return p_fail, p_fix
+        p_fix = (self.teacher_fixes + PRIOR_STRENGTH * pool.fix) / (refined + PRIOR_STRENGTH)
+        p_new = 1.0 if not self.teacher_fixes else (
+            (self.refixes - self.teacher_repeats + PRIOR_STRENGTH * pool.new) / (self.refixes + PRIOR_STRENGTH))
+        return p_fail, p_fix, p_new
+
+
+@dataclass(frozen=True)
+class PoolRates:
+    """The pool's observed rates: failed attempts and fixed refinements (each with a uniform prior), and new
+    labels among re-fixes (optimistic: 1 until a re-fix is seen, so a fresh run ranks as if every fix were
+    new)."""
+
+    fail: float
+    fix: float
+    new: float
 
 
 @dataclass(frozen=True)
@@ -71,19 +95,23 @@ class Curriculum:
     def new(cls, task_ids: list[str], config: CurriculumConfig) -> Curriculum:
         return cls(config, {t: TaskStats() for t in task_ids}, random.Random(config.seed))
 
-    def _pool_rates(self) -> tuple[float, float]:
-        attempts = sum(s.attempts for s in self.stats.values())
-        fails = attempts - sum(s.passes for s in self.stats.values())
-        fixes = sum(s.teacher_fixes for s in self.stats.values())
-        refined = fixes + sum(s.teacher_failures for s in self.stats.values())
-        return (fails + 1) / (attempts + 2), (fixes + 1) / (refined + 2)
+    def _pool_rates(self) -> PoolRates:
+        s = self.stats.values()
+        attempts = sum(t.attempts for t in s)
+        fails = attempts - sum(t.passes for t in s)
+        fixes = sum(t.teacher_fixes for t in s)
+        refined = fixes + sum(t.teacher_failures for t in s)
+        refixes = sum(t.refixes for t in s)
+        repeats = sum(t.teacher_repeats for t in s)
+        return PoolRates((fails + 1) / (attempts + 2), (fixes + 1) / (refined + 2),
+                         (refixes - repeats + 1) / (refixes + 1))
 
-    def _value(self, stats: TaskStats, version: int, pool: tuple[float, float]) -> tuple[float, str]:
-        p_fail, p_fix = stats.value(*pool)
+    def _value(self, stats: TaskStats, version: int, pool: PoolRates) -> tuple[float, str]:
+        p_fail, p_fix, p_new = stats.value(pool)
+        value = p_fail * p_fix * p_new
         if stats.attempts == 0:
-            return p_fail * p_fix, "unseen"
-        value = p_fail * p_fix
-        reason = f"learning value: student fails {p_fail:.2f}, teacher fixes {p_fix:.2f}"
+            return value, "unseen"
+        reason = f"learning value: student fails {p_fail:.2f}, teacher fixes {p_fix:.2f}, new label {p_new:.2f}"
         if stats.last_version is not None and stats.last_version < version:
             value *= 1.25
             reason += f", last tried on v{stats.last_version}"
@@ -127,11 +155,13 @@ class Curriculum:
             if stats.state == "retired":
                 stats.state = "active"
 
-    def record_teacher(self, task_id: str, verified: bool) -> None:
-        """The outcome of refining a failed attempt (after all its rounds)."""
+    def record_teacher(self, task_id: str, verified: bool, new_label: bool = True) -> None:
+        """The outcome of refining a failed attempt (after all its rounds); `new_label`: a verified fix gave a
+        label the trainer had not had yet."""
         stats = self.stats[task_id]
         if verified:
             stats.teacher_fixes += 1
+            stats.teacher_repeats += stats.teacher_fixes > 1 and not new_label
         else:
             stats.teacher_failures += 1
             if not stats.teacher_fixes and stats.teacher_failures >= self.config.park_after_teacher_failures:

@@ -11,7 +11,7 @@ Arms (`experiment.arms`):
 Budget matching: every training arm gets the same `experiment.budget` of what `experiment.match` names,
 distinct verified examples or teacher calls (a reference label counts as one call); the other figure is
 reported. An offline arm takes its labels in one seeded order of the pool's tasks (`take_within`); an online
-arm stops at `budget.max_examples` or `budget.max_teacher_calls`. An arm whose method cannot reach the budget
+arm stops at `budget.max_distinct_examples` or `budget.max_teacher_calls`. An arm whose method cannot reach the budget
 (fewer failures than examples asked for) trains on what it has and says so (`short_of_budget`).
 
 Each arm runs in a fresh process (its own engine, trainer or Ray cluster), writes `OUT/arms/<arm>.json`
@@ -38,7 +38,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from persd_online import atomic
 from persd_online.config import ARMS, Config, ConfigError
@@ -63,7 +63,9 @@ class ArmResult(BaseModel):
     teacher_calls: int = 0
     teacher_tokens: int = 0
     teacher_cost_usd: float = 0.0
-    examples: int = 0
+    examples: int = Field(0, description="Distinct labels (task, program) trained on: what the budget counts.")
+    examples_trained: int = Field(0, description="Example uses by optimizer steps (epochs and replay included).")
+    tasks: int = Field(0, description="Distinct pool tasks the examples came from.")
     train_steps: int = 0
     short_of_budget: bool = False
     data_wall_s: float = 0.0
@@ -99,7 +101,7 @@ def fingerprint(config: Config, arm: str) -> str:
     if arm in OFFLINE_ARMS:
         keys["epochs"] = c.experiment.epochs
     if arm in ONLINE_ARMS:
-        keys |= {"online_max_wall_s": c.experiment.online_max_wall_s, "max_staleness": c.max_staleness,
+        keys |= {"counts": "distinct labels", "online_max_wall_s": c.experiment.online_max_wall_s, "max_staleness": c.max_staleness,
                  "curriculum": c.curriculum.model_dump(exclude={"policy"})}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -194,7 +196,8 @@ def _offline_arm(config: Config, arm: str, model_path: Path, work: Path,
     versions = train_offline(config, model_path, examples, out, epochs=config.experiment.epochs,
                              info={"method": arm, "experiment": True})
     info = json.loads((out / "offline.json").read_text())
-    return {"examples": len(examples), "teacher_calls": calls, "train_steps": info["train_steps"],
+    return {"examples": len(examples), "examples_trained": len(examples) * config.experiment.epochs,
+            "tasks": len({x.task_id for x in examples}), "teacher_calls": calls, "train_steps": info["train_steps"],
             "short_of_budget": _short(config, len(examples), calls),
             "teacher_tokens": teacher.get("prompt_tokens", 0) + teacher.get("completion_tokens", 0),
             "teacher_cost_usd": teacher.get("cost_usd", 0.0), "data_wall_s": round(data_wall, 1),
@@ -284,7 +287,7 @@ def _online_arm(config: Config, arm: str, work: Path, stage: Callable[[str], Non
     from persd_online import driver
 
     e = config.experiment
-    limit = "max_examples" if e.match == "examples" else "max_teacher_calls"
+    limit = "max_distinct_examples" if e.match == "examples" else "max_teacher_calls"
     loop_config = config.model_copy(update={
         "name": f"{config.name}-{arm}", "runs_dir": work,
         "curriculum": config.curriculum.model_copy(update={"policy": "uniform" if arm == "online_uniform"
@@ -297,9 +300,10 @@ def _online_arm(config: Config, arm: str, work: Path, stage: Callable[[str], Non
     stage(f"online loop ({loop_config.curriculum.policy} curriculum) until {e.budget} {e.match.replace('_', ' ')}")
     root, summary = driver.run(loop_config)
     teacher = summary["teacher"]
-    return {"examples": summary["examples_trained"], "teacher_calls": summary["teacher_calls"],
+    return {"examples": summary["examples_distinct"], "examples_trained": summary["examples_trained"],
+            "tasks": summary["trained_tasks"], "teacher_calls": summary["teacher_calls"],
             "train_steps": summary["train_steps"],
-            "short_of_budget": _short(config, summary["examples_trained"], summary["teacher_calls"]),
+            "short_of_budget": _short(config, summary["examples_distinct"], summary["teacher_calls"]),
             "teacher_tokens": teacher.get("prompt_tokens", 0) + teacher.get("completion_tokens", 0),
             "teacher_cost_usd": teacher.get("cost_usd", 0.0), "train_wall_s": summary["wall_s"]}, root
 

@@ -79,7 +79,8 @@ def markdown(results: dict[str, ArmResult], rows: list[dict[str, Any]], config: 
     text = (f"Pool {config.tasks.pool} ({config.tasks.limit or 'all'} tasks); every training arm matched on "
             f"{e.budget} {e.match.replace('_', ' ')}; held-out: {sizes} tasks, {decoding}; 95% intervals by "
             "bootstrap over tasks; differences paired per task, McNemar's exact test.\n\n")
-    head = ["arm", "teacher", "examples", "teacher calls", "train steps", "wall (s)"]
+    head = ["arm", "teacher", "examples (distinct)", "tasks", "examples trained", "teacher calls", "train steps",
+            "wall (s)"]
     head += [f"{s} pass@1 [95% CI]" for s in [*sets, ALL]]
     has_base = "base" in results
     if has_base:
@@ -88,7 +89,7 @@ def markdown(results: dict[str, ArmResult], rows: list[dict[str, Any]], config: 
     for arm, r in results.items():
         scores = _sets(r)
         cells = [arm + (" (short of budget)" if r.short_of_budget else ""), r.teacher, str(r.examples),
-                 str(r.teacher_calls), str(r.train_steps), f"{r.wall_s:.0f}"]
+                 str(r.tasks), str(r.examples_trained), str(r.teacher_calls), str(r.train_steps), f"{r.wall_s:.0f}"]
         cells += [f"{scores[s].pass1:.3f} [{scores[s].ci_low:.3f}, {scores[s].ci_high:.3f}]" for s in [*sets, ALL]]
         if has_base:
             match = [x for x in rows if x["a"] == "base" and x["b"] == arm and x["task_set"] == ALL]

@@ -40,6 +40,7 @@ from persd_online.curriculum import Curriculum
 from persd_online.engine import Sampling
 from persd_online.evaluator import EvalResult, heldout_change, score
 from persd_online.formats import attempt_examples
+from persd_online.labels import Labels
 from persd_online.metrics import LoopMetrics, ProgressDisplay
 from persd_online.records import Attempt, Verdict
 from persd_online.run_dir import RunDir
@@ -83,6 +84,7 @@ class LoopState:
     evals: list[dict[str, Any]] = field(default_factory=list)
     trained_tasks: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    labels: list[str] = field(default_factory=list)
 
 
 class OnlineLoop:
@@ -99,6 +101,7 @@ class OnlineLoop:
         self.metrics = LoopMetrics(counters=state.counters if state else None)
         self.evals: list[dict[str, Any]] = state.evals if state else []
         self.trained_tasks: set[str] = set(state.trained_tasks) if state else set()
+        self.labels = Labels(state.labels if state else ())
         self.wall_offset = (state.wall_s if state else 0.0) + startup_s  # the run's clock includes its start-up
         self._last_call_s = 0.0  # the longest generation call so far (the wall budget's reserve)
         self.gate = StalenessGate(config.max_staleness, fresh_per_version(config.trainer))
@@ -235,11 +238,13 @@ class OnlineLoop:
                                teacher_call_id=ref.teacher_call_id, cached=ref.cached, status=r.verdict.status,
                                passed=r.verdict.passed)
         verified = outcome.verified is not None
-        self.curriculum.record_teacher(task.task_id, verified)
-        if not outcome.rounds:
-            self.curriculum.record_teacher(task.task_id, False)
         examples = attempt_examples(self.config.method, task, attempt, verdict, outcome, self.actors.tokenizer,
                                     self.config.student.prompt_format)
+        new_labels = self.labels.add(examples)
+        self.metrics.inc("examples_distinct", new_labels)
+        self.curriculum.record_teacher(task.task_id, verified, new_label=new_labels > 0)
+        if not outcome.rounds:
+            self.curriculum.record_teacher(task.task_id, False)
         if verified:
             self.metrics.inc("refinements_verified")
         for example in examples:
@@ -350,6 +355,8 @@ class OnlineLoop:
             self._finish(f"budget.max_attempts={b.max_attempts} reached")
         elif b.max_examples is not None and c["examples_trained"] >= b.max_examples:
             self._finish(f"budget.max_examples={b.max_examples} reached")
+        elif b.max_distinct_examples is not None and c["examples_distinct"] >= b.max_distinct_examples:
+            self._finish(f"budget.max_distinct_examples={b.max_distinct_examples} reached")
         elif b.max_teacher_calls is not None and c["teacher_calls"] >= b.max_teacher_calls:
             self._finish(f"budget.max_teacher_calls={b.max_teacher_calls} reached")
         elif b.max_versions is not None and self.trainer_version >= b.max_versions:
@@ -371,7 +378,7 @@ class OnlineLoop:
         await self.actors.trainer.checkpoint.remote()
         teacher = await self.actors.teacher.state.remote()
         state = LoopState(self.curriculum.state(), dict(self.metrics.counters), teacher, self.evals,
-                          sorted(self.trained_tasks), self._wall())
+                          sorted(self.trained_tasks), self._wall(), self.labels.keys())
         atomic.write_text(self.run_dir.checkpoints / "loop.json", json.dumps(dataclasses.asdict(state)))
         self.run_dir.event("checkpoint", wall_s=round(self._wall(), 1), version=self.trainer_version)
 
@@ -452,6 +459,7 @@ class OnlineLoop:
             "teacher_calls": int(c["teacher_calls"]),
             "refinements_verified": int(c["refinements_verified"]),
             "examples_trained": int(c["examples_trained"]),
+            "examples_distinct": int(c["examples_distinct"]),
             "train_steps": int(c["train_steps"]),
             "stale_dropped": int(c["stale_dropped"]),
             "heldout_pass1": [[e["adapter_version"], e["pass1"]] for e in self.evals

@@ -30,6 +30,7 @@ COUNTERS: dict[str, str] = {
     "teacher_cost_usd": "Teacher cost in USD",
     "refinements_verified": "Refinements that passed the tests",
     "examples_trained": "Examples consumed by optimizer steps",
+    "examples_distinct": "Distinct labels (task, program) sent to the trainer",
     "stale_dropped": "Examples dropped for exceeding max_staleness",
     "train_steps": "Optimizer steps",
     "adapters_published": "Adapter versions published by the trainer",
@@ -134,7 +135,7 @@ class ProgressDisplay:
         snap = self.metrics.snapshot()
         if self._live is None:
             keys = ("wall_s", "adapter_version", "attempts", "attempts_passed", "teacher_calls",
-                    "refinements_verified", "examples_trained", "train_steps", "loss")
+                    "refinements_verified", "examples_distinct", "examples_trained", "train_steps", "loss")
             self.console.print(" ".join(f"{k}={snap[k]:g}" for k in keys if k in snap), highlight=False)
             return
         table = Table(title=self.title, show_header=False, box=None)

@@ -88,3 +88,38 @@ def test_state_roundtrip_continues_identically():
     again = Curriculum.from_state(state, cur.config)
     assert [p.task_id for p in again.next(5, 1)] == [p.task_id for p in cur.next(5, 1)]
     assert again.stats == cur.stats
+
+
+def _refixed(cur, task, fixes, new_labels):
+    """`task` failed and fixed `fixes` times; the first `new_labels` fixes gave labels the trainer lacked."""
+    for i in range(fixes):
+        cur.record_attempt(task, version=i, passed=False)
+        cur.record_teacher(task, verified=True, new_label=i < new_labels)
+
+
+def test_a_teacher_that_repeats_its_label_sends_the_curriculum_to_unlabelled_tasks():
+    # The reference oracle: every re-fix of a task is the label the trainer already has, so re-picking a
+    # fixed task yields nothing new and a never-labelled task is worth more.
+    cur = _curriculum(n=6, recheck_prob=0.0)
+    for task in ("t0", "t1"):
+        _refixed(cur, task, fixes=4, new_labels=1)
+    picks = cur.next(4, version=4)
+    assert [p.reason for p in picks] == ["unseen"] * 4
+    assert cur.stats["t0"].value(cur._pool_rates())[2] < 0.25
+
+
+def test_a_teacher_that_refines_each_attempt_keeps_fixed_failures_first():
+    # A teacher that refines the student's own attempt gives a new label on every fix: the re-fix rate is
+    # ~1 and the old ranking (fixable failures first) holds.
+    cur = _curriculum(n=6, recheck_prob=0.0)
+    for task in ("t0", "t1"):
+        _refixed(cur, task, fixes=4, new_labels=4)
+    picks = cur.next(3, version=4)
+    assert {p.task_id for p in picks[:2]} == {"t0", "t1"} and "new label 1.00" in picks[0].reason
+    assert picks[2].reason == "unseen"
+
+
+def test_the_first_fix_is_always_a_new_label():
+    cur = _curriculum(n=2)
+    cur.record_teacher("t0", verified=True, new_label=False)  # e.g. resumed without the label set
+    assert cur.stats["t0"].teacher_repeats == 0
