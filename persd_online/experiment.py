@@ -101,8 +101,8 @@ def fingerprint(config: Config, arm: str) -> str:
     if arm in OFFLINE_ARMS:
         keys["epochs"] = c.experiment.epochs
     if arm in ONLINE_ARMS:
-        keys |= {"counts": "distinct labels", "online_max_wall_s": c.experiment.online_max_wall_s, "max_staleness": c.max_staleness,
-                 "curriculum": c.curriculum.model_dump(exclude={"policy"})}
+        keys |= {"counts": "distinct labels", "online_max_wall_s": c.experiment.online_max_wall_s,
+                 "max_staleness": c.max_staleness, "curriculum": c.curriculum.model_dump(exclude={"policy"})}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
