@@ -25,7 +25,7 @@ import ray
 import torch
 
 from persd_online.atomic import write_text
-from persd_online.config import StudentConfig
+from persd_online.config import Resources, StudentConfig
 from persd_online.engine import Sampling
 from persd_online.models import prepare_model
 from persd_online.prompts import attempt_prompt, render
@@ -92,8 +92,9 @@ def main() -> None:
     model = prepare_model()
     tasks = load_mbpp("train")[:args.tasks]
     # Both sides get every core (the loop's default pins vLLM to core 0 to leave core 1 to the trainer).
+    cores = os.cpu_count() or 1
     config = StudentConfig(max_new_tokens=args.max_new_tokens, cpu_kvcache_gib=1, max_model_len=1024,
-                           cpu_cores=f"0-{(os.cpu_count() or 1) - 1}", num_cpus=os.cpu_count() or 1)
+                           cpu_cores=list(range(cores)), resources=Resources(num_cpus=cores))
     load_before = os.getloadavg()
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a throwaway local cluster: no token auth
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

@@ -4,6 +4,12 @@ The schema's defaults *are* the embedded default run (`configs/cpu-smollm2.yaml`
 sized for a 2-core CPU machine. Every actor receives its own section of one `Config` object; nothing
 below the CLI reads environment variables except the teacher's API key, whose variable name is configured.
 
+Each section that starts a Ray actor holds its request in `resources` (`Resources`); the defaults differ per
+section, and a partial `resources` mapping keeps the section's defaults for the keys it leaves out (a config
+written before `resources` existed, with `student.num_cpus` and the like, still loads, with a warning). Core lists
+(`student.cpu_cores`, `trainer.cpu_cores`) are one type, `CoreList`: '0-3,6' or [0, 1, 2, 3, 6], validated to
+a sorted list of core numbers.
+
 Invariants: unknown keys and wrong types fail at load time with the key path and the expected type;
 cross-section constraints (LoRA rank, adapter slots versus staleness, teacher endpoint) are checked here,
 not discovered by an actor minutes into a run.
@@ -11,18 +17,101 @@ not discovered by an actor minutes into a run.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class StudentConfig(_Section):
+_CORES_HINT = "write core numbers and ranges like '0-3,6', or a list like [0, 1, 2, 3, 6]; null for none"
+
+
+def parse_cores(value: Any) -> list[int]:
+    """A core list as sorted, distinct core numbers, from '0-3,6', a list of core numbers, or one core number.
+
+    Raises ValueError naming the bad part and the accepted forms.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int | list | tuple):
+        raise ValueError(f"a core list must be a string or a list, not {type(value).__name__}; {_CORES_HINT}")
+    if isinstance(value, int):
+        value = [value]
+    cores: set[int] = set()
+    if isinstance(value, str):
+        for part in value.replace(" ", "").split(","):
+            first, dash, last = part.partition("-")
+            if not (first.isdigit() and (not dash or last.isdigit())):
+                raise ValueError(f"{part!r} is not a core number or a range of them; {_CORES_HINT}")
+            if dash and int(first) > int(last):
+                raise ValueError(f"the range {part!r} runs backwards; write it as '{last}-{first}'")
+            cores.update(range(int(first), int(last if dash else first) + 1))
+    else:
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+                raise ValueError(f"{item!r} is not a core number (a whole number >= 0); {_CORES_HINT}")
+            cores.add(item)
+    if not cores:
+        raise ValueError(f"the core list is empty; {_CORES_HINT}")
+    return sorted(cores)
+
+
+def format_cores(cores: Iterable[int]) -> str:
+    """Core numbers as a compact '0-3,6' string (the form vLLM's VLLM_CPU_OMP_THREADS_BIND and taskset take)."""
+    ranges: list[list[int]] = []
+    for core in sorted(set(cores)):
+        if ranges and core == ranges[-1][1] + 1:
+            ranges[-1][1] = core
+        else:
+            ranges.append([core, core])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+CoreList = Annotated[list[int], BeforeValidator(parse_cores)]
+"""CPU core numbers, sorted and distinct; YAML and `--set` take '0-3,6', [0, 1, 2, 3, 6] or a single number."""
+
+
+class Resources(_Section):
+    """What this section's Ray actor asks the cluster for, and how often Ray restarts it."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor (a share of a core is fine).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    max_restarts: int = Field(0, ge=-1, description="Times Ray restarts a dead actor (-1: without limit).")
+
+    def ray_options(self) -> dict[str, Any]:
+        """These as keyword arguments of a Ray actor's `.options(...)`."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": self.max_restarts}
+
+
+def _resources(**defaults: Any) -> Callable[[], Resources]:
+    """A section's default `Resources` (the default_factory of its `resources` field)."""
+    return lambda: Resources(**defaults)
+
+
+class _ActorSection(_Section):
+    """A section that starts Ray actors: its `resources` field (default_factory `_resources(...)`) is their request."""
+
+    @field_validator("resources", mode="before", check_fields=False)
+    @classmethod
+    def _keep_section_defaults(cls, value: Any) -> Any:
+        """A partial `resources` (e.g. `--set student.resources.num_cpus=2`) keeps this section's defaults for
+        the keys it leaves out, not the generic ones of `Resources`."""
+        if isinstance(value, Resources):
+            value = value.model_dump(exclude_unset=True)
+        if isinstance(value, dict):
+            default = cls.model_fields["resources"].get_default(call_default_factory=True)
+            return {**default.model_dump(), **value}
+        return value
+
+
+class StudentConfig(_ActorSection):
     """The student served by vLLM with LoRA enabled."""
 
     model: str = Field("smollm2-135m-instruct", description="A name `prepare-model` knows, or a checkpoint path.")
@@ -55,16 +144,15 @@ class StudentConfig(_Section):
     samples_per_task: int = Field(2, ge=1)
     tasks_per_batch: int = Field(8, ge=1, description="Tasks per generate call.")
     seed: int = 0
-    cpu_cores: str | None = Field(
-        "0", description="CPU engines: cores for vLLM's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND, e.g. '0-3'); "
-        "null: vLLM's own choice. Keep apart from trainer.cpu_cores so the two do not fight.")
+    cpu_cores: CoreList | None = Field(
+        default_factory=lambda: [0], description="CPU engines: cores for vLLM's OpenMP threads "
+        "(VLLM_CPU_OMP_THREADS_BIND; '0-3' or [0, 1, 2, 3]); null: vLLM's own choice. Keep apart from "
+        "trainer.cpu_cores so the two do not fight.")
     num_actors: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    max_restarts: int = Field(3, ge=0)
+    resources: Resources = Field(default_factory=_resources(num_cpus=1.0, max_restarts=3))
 
 
-class TeacherConfig(_Section):
+class TeacherConfig(_ActorSection):
     """The teacher that refines failed attempts."""
 
     kind: Literal["reference_oracle", "openai"] = Field(
@@ -89,7 +177,7 @@ class TeacherConfig(_Section):
     budget_tokens: int | None = Field(None, ge=0, description="Stop teacher calls after this many tokens.")
     budget_usd: float | None = Field(None, ge=0, description="Stop teacher calls after this cost.")
     cache: bool = Field(True, description="Content-addressed on-disk cache of requests and responses.")
-    num_cpus: float = Field(0.1, ge=0)
+    resources: Resources = Field(default_factory=_resources(num_cpus=0.1))
 
     @model_validator(mode="after")
     def _endpoint_named(self) -> TeacherConfig:
@@ -98,7 +186,7 @@ class TeacherConfig(_Section):
         return self
 
 
-class SandboxConfig(_Section):
+class SandboxConfig(_ActorSection):
     """Executors for untrusted programs."""
 
     workers: int = Field(2, ge=1, description="Pre-forked workers per sandbox actor.")
@@ -108,10 +196,10 @@ class SandboxConfig(_Section):
     pin_cpus: bool | None = Field(None, description="Pin worker i (its zygote and jobs) to the actor's i-th usable "
                                   "CPU; null: only when the workers cover every usable CPU.")
     num_actors: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, ge=0)
+    resources: Resources = Field(default_factory=_resources(num_cpus=0.5, max_restarts=-1))
 
 
-class LoraConfig(_Section):
+class LoraSection(_Section):
     """The LoRA adapter the trainer learns and the student serves."""
 
     r: int = Field(16, ge=1)
@@ -122,10 +210,10 @@ class LoraConfig(_Section):
     )
 
 
-class TrainerConfig(_Section):
+class TrainerConfig(_ActorSection):
     """The streaming LoRA trainer."""
 
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: fp32 on CPU, bf16 on GPU.")
     lr: float = Field(4e-4, gt=0)
@@ -147,13 +235,11 @@ class TrainerConfig(_Section):
     replay_capacity: int = Field(512, ge=1)
     max_reuse: int = Field(4, ge=1, description="Times one example may be trained on.")
     torch_threads: int | None = Field(None, ge=1, description="null: one per core in cpu_cores, else torch's own.")
-    cpu_cores: list[int] | None = Field(
-        default_factory=lambda: [1], description="Cores the trainer process is pinned to (null: no pinning); "
-        "cores not on this machine are ignored with a warning.")
+    cpu_cores: CoreList | None = Field(
+        default_factory=lambda: [1], description="Cores the trainer process is pinned to ('1-3' or [1, 2, 3]; "
+        "null: no pinning); cores not on this machine are ignored with a warning.")
     seed: int = 0
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    max_restarts: int = Field(1, ge=0)
+    resources: Resources = Field(default_factory=_resources(num_cpus=1.0, max_restarts=1))
 
 
 class CurriculumConfig(_Section):
@@ -166,7 +252,7 @@ class CurriculumConfig(_Section):
     seed: int = 0
 
 
-class EvalConfig(_Section):
+class EvalConfig(_ActorSection):
     """Held-out evaluation of the current adapter."""
 
     tasks: list[str] = Field(default_factory=lambda: ["mbpp:test"], description="Held-out task sets.")
@@ -181,7 +267,7 @@ class EvalConfig(_Section):
     every_versions: int | None = Field(None, ge=1, description="Also evaluate every K adapter versions, on the "
                                        "first progress_limit tasks of each set (null: base and final only).")
     progress_limit: int = Field(20, ge=1, description="Tasks of each set a progress evaluation scores.")
-    num_cpus: float = Field(0.1, ge=0)
+    resources: Resources = Field(default_factory=_resources(num_cpus=0.1))
 
 
 class TasksConfig(_Section):
@@ -250,6 +336,31 @@ class Config(_Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_resource_keys(cls, data: Any) -> Any:
+        """Read `student.num_cpus` (the layout before `resources`, e.g. an older run's config.yaml on --resume)
+        as `student.resources.num_cpus`, with a warning; the same key in both places is an error."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, field in cls.model_fields.items():
+            section = data.get(name)
+            if not (isinstance(section, dict) and isinstance(field.annotation, type)
+                    and issubclass(field.annotation, _ActorSection)):
+                continue
+            legacy = {key: section[key] for key in Resources.model_fields if key in section}
+            resources = section.get("resources") or {}
+            if not legacy or not isinstance(resources, dict):
+                continue
+            if clash := sorted(set(legacy) & set(resources)):
+                raise ValueError(f"{name}.{clash[0]} is given twice, also as {name}.resources.{clash[0]}; "
+                                 f"keep only {name}.resources.{clash[0]}")
+            log.warning("config: %s moved under %s.resources; read as %s", ", ".join(f"{name}.{k}" for k in legacy),
+                        name, ", ".join(f"{name}.resources.{k}" for k in legacy))
+            data[name] = {**{k: v for k, v in section.items() if k not in legacy}, "resources": {**resources, **legacy}}
+        return data
+
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
         if self.student.max_loras < self.max_staleness + 1:
@@ -278,7 +389,8 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"{path}: unknown key")
         else:
-            got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+            # A cross-section error's input is the whole config: its message names the keys instead.
+            got = "" if err["type"] == "missing" or not err["loc"] else f" (got {err['input']!r})"
             lines.append(f"{path}: {err['msg'].removeprefix('Value error, ')}{got}")
     return f"invalid config in {source}:\n  " + "\n  ".join(lines)
 

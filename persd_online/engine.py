@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from persd_online.config import StudentConfig
+from persd_online.config import StudentConfig, format_cores
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -102,7 +102,7 @@ def engine_env(config: StudentConfig) -> dict[str, str]:
     # `ray job submit` demands a token. Pass the cluster's own mode on (ray.init has set it when it is
     # "token"; unset means disabled).
     env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    if config.backend != "vllm" or config.num_gpus > 0:
+    if config.backend != "vllm" or config.resources.num_gpus > 0:
         return env
     env.update({
         # Required on CPU: the reference VM's NUMA report breaks vLLM's default memory check. Whole GiB.
@@ -115,7 +115,7 @@ def engine_env(config: StudentConfig) -> dict[str, str]:
     })
     if config.cpu_cores:
         # OpenMP threads spin at barriers: sharing cores with the trainer's threads slowed both many-fold.
-        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_cores
+        env["VLLM_CPU_OMP_THREADS_BIND"] = format_cores(config.cpu_cores)
     return env
 
 SHUTDOWN_TIMEOUT_S = 30.0

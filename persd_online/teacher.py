@@ -334,5 +334,5 @@ class TeacherActor:
 def start_teacher_actor(config: TeacherConfig, cache_dir: str | Path | None, executor: Executor,
                         state: dict[str, Any] | None = None) -> ActorHandle:
     """A `TeacherActor` on the current Ray cluster; `executor` must be picklable (e.g. hold actor handles)."""
-    actor = ray.remote(TeacherActor).options(num_cpus=config.num_cpus)
+    actor = ray.remote(TeacherActor).options(**config.resources.ray_options())
     return actor.remote(config, cache_dir, executor, state)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from persd_online import adapters
+from persd_online.adapters import AdapterNotReadyError
 from persd_online.config import StudentConfig
 from persd_online.engine import Generation, Sampling, engine_env
 from persd_online.prompts import CHAT_STOP, COMPLETION_STOP, extract_program
 from persd_online.student import (
     DELIVERY_ATOL,
-    MARKER,
     AdapterDeliveryError,
-    AdapterNotReadyError,
     Student,
     VersionNotLoadedError,
     logprob_delta,
@@ -52,8 +52,8 @@ class ScriptedEngine:
                 for p, v in zip(prompts, versions, strict=True)]
 
     def add_adapter(self, version: int, path: Path) -> None:
-        meta = path / "adapter_version.json"
-        self.effects[version] = json.loads(meta.read_text())["effect"] if meta.is_file() else 0.0
+        meta = adapters.read_metadata(path)
+        self.effects[version] = meta["effect"] if meta is not None else 0.0
 
     def remove_adapter(self, version: int) -> None:
         del self.effects[version]
@@ -69,11 +69,11 @@ class ScriptedEngine:
 
 
 def publish(root: Path, version: int, effect: float, marker: bool = True) -> Path:
-    path = root / f"v{version:04d}"
+    path = adapters.version_dir(root, version)
     path.mkdir(parents=True)
-    (path / "adapter_version.json").write_text(json.dumps({"version": version, "effect": effect}))
+    (path / adapters.VERSION_FILE).write_text(json.dumps({"version": version, "effect": effect}))
     if marker:
-        (path / MARKER).write_text("")
+        (path / adapters.MARKER).write_text("")
     return path
 
 
@@ -99,7 +99,7 @@ def test_zero_adapter_has_zero_weights_on_every_projection_and_is_reused(student
     path = write_zero_adapter(student_model, work_dir / "zero")
     weights = load_file(path / "adapter_model.safetensors")
     config = json.loads((path / "adapter_config.json").read_text())
-    assert (path / MARKER).is_file() and weights and all(not t.any() for t in weights.values())
+    assert adapters.is_published(path) and weights and all(not t.any() for t in weights.values())
     assert set(config["target_modules"]) >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"}
     stamp = (path / "adapter_model.safetensors").stat().st_mtime_ns
@@ -188,5 +188,6 @@ def test_engine_env_sets_the_cpu_settings_only_for_an_in_process_cpu_engine(monk
                    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     unbound = engine_env(StudentConfig(cpu_cores=None))
     assert "VLLM_CPU_OMP_THREADS_BIND" not in unbound
+    assert engine_env(StudentConfig(cpu_cores=[6, 0, 1, 2, 3]))["VLLM_CPU_OMP_THREADS_BIND"] == "0-3,6"
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert engine_env(StudentConfig(num_gpus=1)) == {"RAY_AUTH_MODE": "token"}
+    assert engine_env(StudentConfig.model_validate({"resources": {"num_gpus": 1}})) == {"RAY_AUTH_MODE": "token"}
