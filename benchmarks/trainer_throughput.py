@@ -26,10 +26,11 @@ import torch
 
 from persd_online.config import Config
 from persd_online.formats import stand_examples
+from persd_online.learner import resolve_device
 from persd_online.models import prepare_model
 from persd_online.records import Example
 from persd_online.tasks import load_mbpp
-from persd_online.trainer import LoraTrainer, resolve_device
+from persd_online.trainer import LoraTrainer, setup_process
 
 RESULT = Path(__file__).parent / "results" / "trainer_throughput.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -48,6 +49,7 @@ def token_count(examples: list[Example], tokenizer) -> int:
 
 def run_ours(config: Config, model: Path, examples: list[Example], batch: int, steps: int) -> float:
     """Seconds for `steps` timed steps of `LoraTrainer` (after one warm-up step)."""
+    setup_process(config.trainer)
     trainer = LoraTrainer(config, model, tempfile.mkdtemp())
     trainer.add(examples[:batch])
     trainer.train_step()

@@ -48,8 +48,9 @@ def write_text(path: str | Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def publish_dir(target: str | Path, build: Callable[[Path], None], marker: str = "COMPLETE") -> Path:
-    """Build a directory with `build(staging)` and publish it at `target` with `marker` written last.
+def publish_dir(target: str | Path, build: Callable[[Path], None], *, marker: str) -> Path:
+    """Build a directory with `build(staging)` and publish it at `target` with the file `marker` written last
+    (each kind of directory names its own: `adapters.MARKER`, `merge.MARKER`).
 
     `target` must not exist yet: a published directory is never overwritten. A crash at any point
     leaves either nothing at `target` or a complete directory with its marker.

@@ -2,8 +2,9 @@
 
 The online loop runs these parts as Ray actors; the offline commands (`collect`, `train`, `eval`) run them
 in the calling process with the same classes:
-- `PoolExecutor`: the `verify.Executor` seam over an in-process `sandbox.SandboxPool` (calls made in the same
-  event-loop tick become one batch, run in a thread so the event loop stays free);
+- `open_pool`, and `PoolExecutor` over its pool (defined in `executor.py`, beside the loop's `SandboxExecutor`): the
+  `verify.Executor` seam over an in-process `sandbox.SandboxPool` (calls made in the same event-loop tick become
+  one batch, run in a thread so the event loop stays free);
 - `local_student`: a `student.Student` over the in-process vLLM engine, with the engine's environment set
   first (it must be in place before vLLM is imported);
 - `resolve_adapter` / `load_adapter`: an adapter given as a published version directory (`.../vNNNN`) or as a
@@ -17,7 +18,6 @@ already repeat the data).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -26,56 +26,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from persd_online import adapters
 from persd_online.config import Config, StudentConfig
-from persd_online.records import Example, Verdict
+from persd_online.executor import PoolExecutor as PoolExecutor  # the offline commands' executor
+from persd_online.records import Example
 from persd_online.tasks import Task
 
 if TYPE_CHECKING:
     from persd_online.student import Student
     from sandbox.pool import SandboxPool
-    from sandbox.result import Result
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
-VERSION_FILE = "adapter_version.json"
 OFFLINE_INFO = "offline.json"  # written by `train` into its --out directory: data, method, epochs, teacher
-
-
-class PoolExecutor:
-    """`Executor` over an in-process `SandboxPool`: scores on `task.tests`, concurrent calls batched."""
-
-    def __init__(self, pool: SandboxPool) -> None:
-        self.pool = pool
-        self._pending: list[tuple[Any, asyncio.Future[Result]]] = []
-        self._flush_scheduled = False
-
-    async def run(self, task: Task, program: str, subject_id: str) -> Verdict:
-        """The verdict on `program` against `task.tests`; sandbox trouble is a `sandbox_error` verdict."""
-        from persd_online.executor import suite_of, verdict_of
-        from sandbox.job import Job
-
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Result] = loop.create_future()
-        self._pending.append((Job(program=program, suite=suite_of(task)), future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(lambda: asyncio.ensure_future(self._flush()))
-        return verdict_of(await future, subject_id)
-
-    async def _flush(self) -> None:
-        from sandbox.result import Result, Status
-
-        batch, self._pending, self._flush_scheduled = self._pending, [], False
-        try:
-            results = await asyncio.to_thread(self.pool.run_batch, [job for job, _ in batch])
-        except Exception as exc:  # a malformed suite or a closed pool: every job of the batch says so
-            log.error("sandbox batch of %d failed: %s", len(batch), exc)
-            results = [Result(status=Status.SANDBOX_ERROR, feedback=f"sandbox error: {exc}"[:300], tests=(),
-                              duration_s=0.0) for _ in batch]
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
 
 
 def open_pool(config: Config) -> SandboxPool:
@@ -108,14 +71,16 @@ def local_student(config: StudentConfig, model_path: str | Path, work_dir: str |
 def resolve_adapter(path: str | Path) -> tuple[int, Path]:
     """(version, directory) of a published adapter: `path` itself, or the newest version under `path/adapters`."""
     path = Path(path)
-    candidates = [path] if (path / MARKER).is_file() else sorted(
-        p for p in (path / "adapters").glob("v[0-9][0-9][0-9][0-9]") if (p / MARKER).is_file())
-    if not candidates:
-        raise FileNotFoundError(f"{path} is not a published adapter (no {MARKER} marker) and holds no published "
-                                f"versions under {path / 'adapters'}")
-    chosen = candidates[-1]
-    meta = chosen / VERSION_FILE
-    version = json.loads(meta.read_text())["version"] if meta.is_file() else int(chosen.name.lstrip("v") or 1)
+    if adapters.is_published(path):
+        chosen = path
+    else:
+        versions = adapters.published_versions(path / "adapters")
+        if not versions:
+            raise FileNotFoundError(f"{path} is not a published adapter (no {adapters.MARKER} marker) and holds no "
+                                    f"published versions under {path / 'adapters'}")
+        chosen = adapters.version_dir(path / "adapters", versions[-1])
+    meta = adapters.read_metadata(chosen)
+    version = meta["version"] if meta is not None else int(chosen.name.lstrip("v") or 1)
     return max(int(version), 1), chosen
 
 
@@ -168,7 +133,7 @@ def train_offline(config: Config, model_path: str | Path, examples: list[Example
 
     Each epoch feeds the examples under epoch-tagged ids (`<id>#e<k>`): the trainer never trains one id twice.
     """
-    from persd_online.trainer import LoraTrainer
+    from persd_online.trainer import LoraTrainer, setup_process
 
     if not examples:
         raise ValueError("no examples to train on")
@@ -180,6 +145,7 @@ def train_offline(config: Config, model_path: str | Path, examples: list[Example
     })
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    setup_process(config.trainer)
     trainer = LoraTrainer(config, model_path, out)
     rng = random.Random(config.trainer.seed)
     versions: list[int] = []
@@ -189,7 +155,7 @@ def train_offline(config: Config, model_path: str | Path, examples: list[Example
         rng.shuffle(order)
         tag = "" if epoch == 0 else f"#e{epoch}"
         trainer.add([e.model_copy(update={"example_id": e.example_id + tag}) for e in order])
-        while trainer.fresh:
+        while trainer.examples.fresh:
             loss = trainer.train_step()
             if loss is None:
                 continue

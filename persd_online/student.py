@@ -11,10 +11,11 @@ Invariants:
 - versions only go forward, each from its own directory; the engine holds version 0 and the last
   `max_loras` published versions (max_loras >= max_staleness + 1), so work queued on a recent version
   still runs on it; asking for an evicted version is an error, never a silent fallback;
-- a version is served only after (1) its directory holds the `COMPLETE` marker the trainer writes last,
-  (2) the engine lists it, and (3) a fixed probe's teacher-forced log-probs moved by more than
-  `DELIVERY_ATOL` from the previous version's. Otherwise it is unloaded and `AdapterDeliveryError` raised:
-  an adapter that silently never takes effect is the failure this guards against (cf. veRL #7495);
+- a version is served only after (1) its directory is published (`adapters.check_published`: the marker
+  the trainer writes last is there, its metadata names this version), (2) the engine lists it, and
+  (3) a fixed probe's teacher-forced log-probs moved by more than `DELIVERY_ATOL` from the previous version's.
+  Otherwise it is unloaded and `AdapterDeliveryError` raised: an adapter that silently never takes effect is
+  the failure this guards against (cf. veRL #7495);
 - each `Attempt` names the version that generated it; a call fixes its versions when it starts;
 - the actor runs one call at a time over a synchronous engine, so a swap waits for the running call.
   After an actor restart the student holds version 0 only until the loop loads the latest version again;
@@ -24,7 +25,6 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -35,7 +35,7 @@ from typing import Any
 
 import ray
 
-from persd_online.atomic import publish_dir
+from persd_online import adapters
 from persd_online.config import StudentConfig
 from persd_online.engine import Generation, GenerationEngine, Sampling, engine_env
 from persd_online.prompts import Messages, attempt_prompt, extract_program, render, stop_sequences
@@ -45,8 +45,6 @@ from persd_online.token_caps import token_caps
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
-VERSION_FILE = "adapter_version.json"
 ZERO_ADAPTER = "zero-adapter"
 # The delivery rule: a new version counts as delivered when the largest absolute change, over the probe's
 # tokens, of their teacher-forced log-probs (nats) against the previous version exceeds this. Log-probs, not
@@ -57,10 +55,6 @@ PROBE_MESSAGES: Messages = [{"role": "user", "content": "Write a Python function
 PROBE_ANSWER = "```python\ndef add(a, b):\n    return a + b\n```"
 START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
-
-
-class AdapterNotReadyError(FileNotFoundError):
-    """An adapter directory without its completion marker (not yet, or never, fully published)."""
 
 
 class AdapterDeliveryError(RuntimeError):
@@ -89,7 +83,7 @@ def write_zero_adapter(model_path: Path, target: Path) -> Path:
     Built from the model's config on the meta device (no weights are loaded), so it costs seconds for any
     model size. Reused when `target` is already published (also by another student of the same run).
     """
-    if (target / MARKER).is_file():
+    if adapters.is_published(target):
         return target
 
     def build(staging: Path) -> None:
@@ -107,25 +101,11 @@ def write_zero_adapter(model_path: Path, target: Path) -> Path:
         model.peft_config["default"].save_pretrained(str(staging))
 
     try:
-        return publish_dir(target, build, marker=MARKER)
+        return adapters.publish(target, build)
     except OSError:  # published concurrently by another student (FileExistsError, or a lost rename race)
-        if (target / MARKER).is_file():
+        if adapters.is_published(target):
             return target
         raise
-
-
-def check_published(version: int, path: Path) -> None:
-    """Raise unless `path` is a completely published adapter directory for `version`."""
-    if not (path / MARKER).is_file():
-        raise AdapterNotReadyError(
-            f"adapter version {version} at {path} has no {MARKER} marker: it is not (fully) published. "
-            f"Load a version only after the trainer has written {path / MARKER}."
-        )
-    meta = path / VERSION_FILE
-    if meta.is_file():
-        recorded = json.loads(meta.read_text()).get("version")
-        if recorded is not None and recorded != version:
-            raise ValueError(f"{meta} says version {recorded}, but it was loaded as version {version}")
 
 
 def logprob_delta(new: Sequence[float], previous: Sequence[float]) -> float:
@@ -196,7 +176,7 @@ class Student:
         if version <= previous:
             raise ValueError(f"adapter version {version} is not newer than the latest loaded ({previous}); "
                              "versions only go forward and version 0 is the student's own zero adapter")
-        check_published(version, path)
+        adapters.check_published(version, path)
         start = time.perf_counter()
         self.engine.add_adapter(version, path)
         loaded = time.perf_counter()
@@ -306,7 +286,7 @@ def start_student(config: StudentConfig, model_path: str | Path, work_dir: str |
                   timeout_s: float = START_TIMEOUT_S) -> ray.actor.ActorHandle:
     """A `Student` in a Ray actor, its engine started; raises TimeoutError if not ready within `timeout_s`."""
     actor = StudentActor.options(
-        num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_restarts=config.max_restarts,
+        **config.resources.ray_options(),
         runtime_env={"env_vars": engine_env(config)},
     ).remote(config, str(model_path), str(work_dir), engine)
     try:

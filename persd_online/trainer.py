@@ -1,33 +1,28 @@
 """The streaming LoRA trainer: examples in, optimizer steps, adapter versions out.
 
-`LoraTrainer` holds the student's base model with a peft LoRA adapter and trains it on examples as they
-arrive; `TrainerActor` runs it in a Ray actor that pulls from the loop's example queue. The same
-`LoraTrainer` serves offline training from a file (`persd-online train`).
-
-A step takes `batch_examples * grad_accum_steps` examples: a `replay_fraction` share from the replay
-buffer (`replay.py`) once it holds any, the rest fresh, oldest first. Fresh examples that are stale
-(`staleness.is_stale` against the trainer's published version) or were trained already are dropped and
-counted. The step's examples are split into micro-batches by token budget (`batching.py`) whose gradients
-accumulate; the loss is the mean over completion tokens, and logits are computed only where it is taken
-(the 49k-token LM head is a large share of a small model's compute).
+`LoraTrainer` composes three parts: the learner (`learner.py`: the model with its LoRA adapter, the optimizer,
+one optimizer step), the example buffer (`example_buffer.py`: fresh examples, replay, the staleness and
+duplicate drops) and the checkpoints (`trainer_checkpoint.py`); it counts, and publishes the learner's
+adapter as versions (`adapters.py`). `TrainerActor` runs it in a Ray actor that pulls from the loop's example
+queue, after `setup_process` has set what is process-wide. The same `LoraTrainer` serves offline training from
+a file (`persd-online train`).
 
 Invariants:
-- versions only go forward: version v+1 is written with peft's `save_pretrained` into `adapters/vNNNN`
-  through `atomic.publish_dir` (staging dir, fsync, rename, `COMPLETE` marker last), so a reader never
-  sees a half-written version, and an existing version is never overwritten, also after a resume;
+- versions only go forward: version v+1 is published under `adapters/vNNNN` through `adapters.publish_version`
+  (staging dir, fsync, rename, the marker last), so a reader never sees a half-written version, and an
+  existing version is never overwritten, also after a resume; its metadata names the examples its steps took;
 - optimizer, scheduler and RNG state persist across publishes (a version continues the previous one) and
-  across checkpoints: `checkpoints/trainer-NNNNN/` (adapter, optimizer, scheduler, RNG, step, version,
-  examples seen, pending fresh examples, replay buffer), named by `checkpoints/trainer.json`, written last;
-- no code path assumes CUDA: `device: auto` trains on a GPU in bf16 when there is one, else fp32 on CPU.
+  across checkpoints: a checkpoint holds the learner's state and the trainer's (version, counters, example
+  buffer, steps not yet published), and a resumed trainer never publishes a step twice;
+- process-wide settings (core pinning, torch threads, the global seed) are set once where a training process
+  starts (`setup_process`), never by the parts.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,23 +31,19 @@ from typing import Any
 
 import ray
 import torch
-import torch.nn.functional as F
 
-from persd_online import atomic
-from persd_online.batching import IGNORE, Encoded, collate, encode, plan_micro_batches
+from persd_online import adapters
 from persd_online.config import Config, TrainerConfig
+from persd_online.example_buffer import Draw, ExampleBuffer
+from persd_online.learner import Learner, StepResult
 from persd_online.records import AdapterVersion, Example
 from persd_online.replay import ReplayBuffer
-from persd_online.staleness import is_stale
+from persd_online.trainer_checkpoint import TrainerCheckpoints
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"  # the student loads only directories holding it (persd_online.student.MARKER)
-VERSION_FILE = "adapter_version.json"
-POINTER = "trainer.json"
 PULL_TIMEOUT_S = 0.5
 STOP_TIMEOUT_S = 600.0
-_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 def examples_per_step(config: TrainerConfig) -> int:
@@ -66,24 +57,6 @@ def fresh_per_version(config: TrainerConfig) -> int:
     return max(1, total - math.floor(total * config.replay_fraction)) * config.publish_every_steps
 
 
-def published_versions(adapters_dir: Path) -> list[int]:
-    """Complete versions under `adapters_dir`, ascending."""
-    return sorted(int(p.name[1:]) for p in adapters_dir.glob("v[0-9][0-9][0-9][0-9]") if (p / MARKER).is_file())
-
-
-def resolve_device(config: TrainerConfig) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype `device`/`dtype: auto` stand for here (bf16 on a GPU, fp32 on CPU)."""
-    name = config.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if name == "cuda" else torch.float32
-    return torch.device(name), dtype
-
-
 def pin_to_cores(cores: list[int] | None) -> set[int]:
     """Pin this process to those of `cores` that exist here; returns the cores pinned to (empty: none)."""
     if not cores or not hasattr(os, "sched_setaffinity"):
@@ -95,6 +68,15 @@ def pin_to_cores(cores: list[int] | None) -> set[int]:
         return set()
     os.sched_setaffinity(0, usable)
     return usable
+
+
+def setup_process(config: TrainerConfig) -> None:
+    """Set what is process-wide for training: core pinning, torch's thread count, and the global torch seed
+    (it fixes the LoRA initialisation). Call once where the training process starts, before `LoraTrainer`."""
+    cores = pin_to_cores(config.cpu_cores)
+    if config.torch_threads or cores:
+        torch.set_num_threads(config.torch_threads or len(cores))
+    torch.manual_seed(config.seed)
 
 
 @dataclass
@@ -133,125 +115,58 @@ class LoraTrainer:
     """
 
     def __init__(self, config: Config, model_path: str | Path, root: str | Path) -> None:
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
-
         t = self.config = config.trainer
         self.max_staleness = config.max_staleness
-        self.prompt_format = config.student.prompt_format
         self.adapters_dir = Path(root) / "adapters"
-        self.checkpoints_dir = Path(root) / "checkpoints"
-        cores = pin_to_cores(t.cpu_cores)
-        if t.torch_threads or cores:
-            torch.set_num_threads(t.torch_threads or len(cores))
-        torch.manual_seed(t.seed)
-        self.device, self.dtype = resolve_device(t)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device)
-        lora = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                          target_modules=list(t.lora.target_modules), task_type="CAUSAL_LM")
-        self.model = get_peft_model(base, lora)
-        self.model.peft_config["default"].base_model_name_or_path = str(model_path)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        self.scheduler = get_scheduler(_SCHEDULES[t.schedule], self.optimizer, num_warmup_steps=t.warmup_steps,
-                                       num_training_steps=t.schedule_steps)
-        self.replay = ReplayBuffer(t.replay_capacity, t.max_reuse, t.seed)
-        self.rng = random.Random(t.seed)
-        self.fresh: list[Example] = []
-        self.seen: set[str] = set()
+        self.learner = Learner(t, model_path, config.student.prompt_format)
+        self.examples = ExampleBuffer(examples_per_step(t), t.replay_fraction, config.max_staleness,
+                                      ReplayBuffer(t.replay_capacity, t.max_reuse, t.seed))
+        self.checkpoints = TrainerCheckpoints(Path(root) / "checkpoints")
         self.stats = TrainerStats()
-        self.version = max(published_versions(self.adapters_dir), default=0)
-        self.checkpoint_seq = 0
+        self.version = adapters.latest(self.adapters_dir)
         self._pending = _Pending()
         if self.restore():
             log.info("trainer resumed at step %d, version %d, %d examples trained",
                      self.stats.train_steps, self.version, self.stats.examples_trained)
-        log.info("trainer ready: LoRA r=%d over %s on %s/%s, %d trainable parameters", t.lora.r,
-                 ",".join(t.lora.target_modules), self.device, str(self.dtype).removeprefix("torch."),
-                 sum(p.numel() for p in params))
 
     # --- examples in --------------------------------------------------------------------------------------
     def add(self, examples: list[Example]) -> None:
         """Queue fresh examples for the next steps."""
-        self.fresh.extend(examples)
-
-    def _replay_share(self) -> int:
-        return min(math.floor(examples_per_step(self.config) * self.config.replay_fraction), len(self.replay))
+        self.examples.add(examples)
 
     def ready(self) -> bool:
         """Whether enough fresh examples wait for a full step."""
-        return len(self.fresh) >= examples_per_step(self.config) - self._replay_share()
-
-    def _take_fresh(self, n: int) -> list[Example]:
-        taken = []
-        while self.fresh and len(taken) < n:
-            example = self.fresh.pop(0)
-            if example.example_id in self.seen:
-                self.stats.duplicates_dropped += 1
-            elif is_stale(example.adapter_version, self.version, self.max_staleness):
-                self.stats.stale_dropped += 1
-                log.debug("dropped stale example %s (attempt v%s, trainer v%d)", example.example_id,
-                          example.adapter_version, self.version)
-            else:
-                taken.append(example)
-        return taken
+        return self.examples.ready()
 
     # --- one optimizer step -------------------------------------------------------------------------------
     def train_step(self) -> float | None:
         """One optimizer step on up to one step's worth of examples; None if no fresh example was usable."""
-        n_replay = self._replay_share()
-        fresh = self._take_fresh(examples_per_step(self.config) - n_replay)
-        if not fresh:
+        draw = self.examples.draw(self.version)
+        self.stats.stale_dropped += draw.stale_dropped
+        self.stats.duplicates_dropped += draw.duplicates_dropped
+        if not draw.fresh:
             return None
-        replayed = self.replay.sample(n_replay)
-        start = time.perf_counter()
-        encoded = [encode(e, self.tokenizer, self.prompt_format, self.config.max_seq_len) for e in fresh + replayed]
-        targets = sum(e.completion_tokens for e in encoded)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for group in plan_micro_batches(encoded, self.config.max_batch_tokens):
-            loss = self.loss_sum(collate(group, self.pad_id, self.device)) / max(targets, 1)
-            loss.backward()
-            loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        elapsed = time.perf_counter() - start
-        self._account(fresh, replayed, encoded, loss_sum, elapsed)
-        return loss_sum
+        result = self.learner.step(draw.fresh + draw.replayed)
+        self._account(draw, result)
+        return result.loss
 
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed next-token cross-entropy over the labelled positions, with logits only at those positions."""
-        base = self.model.get_base_model()
-        hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-        labels = batch["labels"][:, 1:]
-        keep = labels != IGNORE
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        return F.cross_entropy(logits, labels[keep], reduction="sum")
-
-    def _account(self, fresh: list[Example], replayed: list[Example], encoded: list[Encoded], loss: float,
-                 elapsed: float) -> None:
+    def _account(self, draw: Draw, result: StepResult) -> None:
         s = self.stats
-        tokens = sum(len(e.input_ids) for e in encoded)
         s.train_steps += 1
-        s.examples_trained += len(fresh)
-        s.replayed += len(replayed)
-        s.truncated += sum(e.truncated for e in encoded)
-        s.tokens_trained += tokens
-        s.busy_s += elapsed
-        s.loss, s.step_s = loss, elapsed
-        s.train_tokens_per_s, s.examples_per_s = tokens / elapsed, len(encoded) / elapsed
-        for example in fresh:
-            self.seen.add(example.example_id)
-            self.replay.add(example)
+        s.examples_trained += len(draw.fresh)
+        s.replayed += len(draw.replayed)
+        s.truncated += result.truncated
+        s.tokens_trained += result.tokens
+        s.busy_s += result.elapsed_s
+        s.loss, s.step_s = result.loss, result.elapsed_s
+        s.train_tokens_per_s, s.examples_per_s = result.tokens / result.elapsed_s, result.examples / result.elapsed_s
+        self.examples.trained(draw.fresh)
+        for example in draw.fresh:
             self._pending.example_ids.append(example.example_id)
             if example.adapter_version is not None:
                 self._pending.staleness_max = max(self._pending.staleness_max,
                                                   self.version - example.adapter_version)
-        self._pending.losses.append(loss)
+        self._pending.losses.append(result.loss)
 
     # --- versions out -------------------------------------------------------------------------------------
     def pending_steps(self) -> int:
@@ -270,18 +185,13 @@ class LoraTrainer:
         version = self.version + 1
         pending = self._pending
         record = AdapterVersion(
-            version=version, path=str(self.adapters_dir / f"v{version:04d}"), step=self.stats.train_steps,
-            examples_seen=self.stats.examples_trained,
+            version=version, path=str(adapters.version_dir(self.adapters_dir, version)),
+            step=self.stats.train_steps, examples_seen=self.stats.examples_trained,
             loss=sum(pending.losses) / len(pending.losses) if pending.losses else None,
             example_ids=pending.example_ids)
         meta = record.model_dump() | {"trained_on_version": self.version, "staleness_max": pending.staleness_max,
                                       "max_staleness": self.max_staleness, "created": time.time()}
-
-        def build(staging: Path) -> None:
-            self.model.save_pretrained(str(staging))
-            (staging / VERSION_FILE).write_text(json.dumps(meta, indent=1))
-
-        atomic.publish_dir(record.path, build, marker=MARKER)
+        adapters.publish_version(self.adapters_dir, version, self.learner.save_adapter, meta)
         self.version = version
         self._pending = _Pending()
         log.info("published adapter v%d (step %d, %d examples, loss %s)", version, record.step,
@@ -291,50 +201,20 @@ class LoraTrainer:
     # --- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Persist everything a resumed trainer needs; older checkpoints are removed once this one is named."""
-        self.checkpoint_seq += 1
-        name = f"trainer-{self.checkpoint_seq:05d}"
-        state = {
-            "version": self.version, "checkpoint_seq": self.checkpoint_seq, "stats": vars(self.stats),
-            "seen": sorted(self.seen), "fresh": [e.model_dump() for e in self.fresh],
-            "replay": self.replay.state(), "pending": vars(self._pending) | {"since": None},
-        }
-
-        def build(staging: Path) -> None:
-            self.model.save_pretrained(str(staging / "adapter"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "python_rng": self.rng.getstate()},
-                       staging / "optim.pt")
-            (staging / "state.json").write_text(json.dumps(state))
-
-        target = atomic.publish_dir(self.checkpoints_dir / name, build)
-        atomic.write_text(self.checkpoints_dir / POINTER, json.dumps({"latest": name}))
-        for old in self.checkpoints_dir.glob("trainer-[0-9]*"):
-            if old.name != name and not old.name.startswith("."):
-                _remove_tree(old)
-        return target
+        return self.checkpoints.save(self.learner, self.version, {
+            "stats": vars(self.stats), **self.examples.state(), "pending": vars(self._pending) | {"since": None}})
 
     def restore(self) -> bool:
         """Load the latest checkpoint under `checkpoints/`, if any; True if one was loaded."""
-        pointer = self.checkpoints_dir / POINTER
-        if not pointer.is_file():
+        state = self.checkpoints.restore(self.learner)
+        if state is None:
             return False
-        directory = self.checkpoints_dir / json.loads(pointer.read_text())["latest"]
-        state = json.loads((directory / "state.json").read_text())
-        self._load_adapter(directory / "adapter")
-        optim = torch.load(directory / "optim.pt", map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(optim["optimizer"])
-        self.scheduler.load_state_dict(optim["scheduler"])
-        torch.set_rng_state(optim["torch_rng"])
-        self.rng.setstate(optim["python_rng"])
         # Never reuse a version number, also one published after this checkpoint was taken; the steps the
         # checkpoint had not yet published are then in that newer version already: do not publish them again.
         newer_published = self.version > state["version"]
         self.version = max(state["version"], self.version)
-        self.checkpoint_seq = state["checkpoint_seq"]
         self.stats = TrainerStats(**state["stats"])
-        self.seen = set(state["seen"])
-        self.fresh = [Example(**e) for e in state["fresh"]]
-        self.replay.load_state(state["replay"])
+        self.examples.load_state(state)
         pending = state["pending"]
         if newer_published:
             self._adopt_versions_after(state["version"])
@@ -349,40 +229,24 @@ class LoraTrainer:
         student refuses."""
         trained: set[str] = set()
         meta: dict[str, Any] = {}
-        for version in published_versions(self.adapters_dir):
+        for version in adapters.published_versions(self.adapters_dir):
             if version > checkpointed:
-                meta = json.loads((self.adapters_dir / f"v{version:04d}" / VERSION_FILE).read_text())
+                directory = adapters.version_dir(self.adapters_dir, version)
+                read = adapters.read_metadata(directory)
+                if read is None:
+                    raise FileNotFoundError(f"published adapter {directory} has no {adapters.VERSION_FILE}")
+                meta = read
                 trained.update(meta["example_ids"])
-        self._load_adapter(self.adapters_dir / f"v{self.version:04d}")
+        self.learner.load_adapter(adapters.version_dir(self.adapters_dir, self.version))
         self.stats.train_steps, self.stats.examples_trained = meta["step"], meta["examples_seen"]
-        for example in self.fresh:
-            if example.example_id in trained:
-                self.replay.add(example)
-        self.fresh = [e for e in self.fresh if e.example_id not in trained]
-        self.seen |= trained
+        self.examples.adopt(trained)
         log.info("versions v%d..v%d were published after the checkpoint: continuing from v%d", checkpointed + 1,
                  self.version, self.version)
 
-    def _load_adapter(self, directory: Path) -> None:
-        """Set the LoRA weights to those saved in `directory` (a version or a checkpoint)."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = load_file(directory / "adapter_model.safetensors", device=str(self.device))
-        result = set_peft_model_state_dict(self.model, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"{directory} does not match this LoRA config: {result.unexpected_keys}")
-
     def report(self) -> dict[str, Any]:
         """The counters and last-step figures, plus the version and buffer sizes."""
-        return vars(self.stats) | {"version": self.version, "replay_size": len(self.replay),
-                                   "fresh_pending": len(self.fresh), "ready": self.ready()}
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+        return vars(self.stats) | {"version": self.version, "replay_size": len(self.examples.replay),
+                                   "fresh_pending": len(self.examples.fresh), "ready": self.ready()}
 
 
 class TrainerActor:
@@ -395,6 +259,7 @@ class TrainerActor:
 
     def __init__(self, config: Config, model_path: str, root: str, queue: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        setup_process(config.trainer)
         self.trainer = LoraTrainer(config, model_path, root)
         self.queue = queue
         self._lock = threading.RLock()  # re-entered by the last step taken under the stop path
@@ -413,7 +278,7 @@ class TrainerActor:
                     self._step()
             self._pull(block=False)
             with self._lock:
-                if self.trainer.fresh:
+                if self.trainer.examples.fresh:
                     self._step()
                 if self.trainer.pending_steps():
                     self.trainer.publish()
@@ -468,7 +333,7 @@ def start_trainer(config: Config, model_path: str | Path, root: str | Path, queu
     """A `TrainerActor` with the configured resources and restarts, its model loaded (or TimeoutError)."""
     t = config.trainer
     actor = ray.remote(TrainerActor).options(
-        num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_restarts=t.max_restarts, max_task_retries=t.max_restarts,
+        **t.resources.ray_options(), max_task_retries=t.resources.max_restarts,
         max_concurrency=4,
     ).remote(config, str(model_path), str(root), queue)
     try:

@@ -1,7 +1,7 @@
 """A stand-in for the trainer's adapter publishing: peft adapters with chosen weights, in its layout.
 
 `<adapters_dir>/v0003/` holds peft's adapter files, `adapter_version.json` and an empty `COMPLETE`
-marker written last (`persd_online.atomic.publish_dir`). Weights are drawn from a seed, so the same
+marker written last (`persd_online.adapters.publish`). Weights are drawn from a seed, so the same
 (seed, scale) publishes identical weights under a new version, and scale 0 gives a zero-effect adapter.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from persd_online.atomic import publish_dir
+from persd_online import adapters
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -29,7 +29,7 @@ class AdapterFactory:
         self.adapters_dir = Path(adapters_dir)
 
     def path(self, version: int) -> Path:
-        return self.adapters_dir / f"v{version:04d}"
+        return adapters.version_dir(self.adapters_dir, version)
 
     def set_weights(self, seed: int, scale: float) -> None:
         """LoRA A and B drawn from `seed`, B scaled by `scale` (0: zero effect, as peft initialises it)."""
@@ -51,10 +51,10 @@ class AdapterFactory:
 
         def build(staging: Path) -> None:
             self.model.save_pretrained(staging)
-            (staging / "adapter_version.json").write_text(json.dumps({"version": version}))
+            (staging / adapters.VERSION_FILE).write_text(json.dumps({"version": version}))
 
         if marker:
-            return publish_dir(self.path(version), build)
+            return adapters.publish(self.path(version), build)
         target = self.path(version)
         target.mkdir(parents=True)
         build(target)

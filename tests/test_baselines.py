@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from persd_online import adapters
 from persd_online.collect import attempt_pool, build_examples, collect, pool_tasks, refine_failures
 from persd_online.config import load_config
 from persd_online.offline import PoolExecutor, local_student, open_pool, read_examples, train_offline
@@ -176,9 +177,9 @@ def test_offline_training_publishes_a_version_that_peft_loads(collected, student
     versions = train_offline(config, student_model, examples, tmp_path / "adapter", epochs=1,
                              info={"method": "stand"})
     assert versions == [1]
-    version_dir = tmp_path / "adapter" / "adapters" / "v0001"
-    assert (version_dir / "COMPLETE").is_file()
-    meta = json.loads((version_dir / "adapter_version.json").read_text())
+    version_dir = adapters.version_dir(tmp_path / "adapter" / "adapters", 1)
+    assert adapters.is_published(version_dir)
+    meta = adapters.read_metadata(version_dir)
     assert meta["step"] == 2 and len(meta["example_ids"]) == 4
     info = json.loads((tmp_path / "adapter" / "offline.json").read_text())
     assert info["method"] == "stand" and info["train_steps"] == 2

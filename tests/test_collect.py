@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from persd_online import adapters
 from persd_online.budget import BudgetExhausted
 from persd_online.collect import build_examples, refine_failures
 from persd_online.offline import read_examples, resolve_adapter
@@ -75,10 +76,10 @@ def test_inpd_gives_one_example_per_failed_task_and_none_for_passed():
 
 def test_resolve_adapter_takes_a_version_dir_or_the_newest_under_adapters(tmp_path):
     for v in (1, 2):
-        d = tmp_path / "adapters" / f"v{v:04d}"
+        d = adapters.version_dir(tmp_path / "adapters", v)
         d.mkdir(parents=True)
-        (d / "COMPLETE").touch()
-        (d / "adapter_version.json").write_text(json.dumps({"version": v}))
+        (d / adapters.MARKER).touch()
+        (d / adapters.VERSION_FILE).write_text(json.dumps({"version": v}))
     (tmp_path / "adapters" / "v0003").mkdir()  # unpublished: ignored
     assert resolve_adapter(tmp_path) == (2, tmp_path / "adapters" / "v0002")
     assert resolve_adapter(tmp_path / "adapters" / "v0001") == (1, tmp_path / "adapters" / "v0001")

@@ -11,14 +11,13 @@ import pytest
 import ray
 import torch
 
+from persd_online.adapters import MARKER, AdapterNotReadyError
 from persd_online.config import StudentConfig
 from persd_online.engine import Sampling
 from persd_online.prompts import attempt_prompt, extract_program, render
 from persd_online.student import (
     DELIVERY_ATOL,
-    MARKER,
     AdapterDeliveryError,
-    AdapterNotReadyError,
     SwapReport,
     VersionNotLoadedError,
     start_student,
