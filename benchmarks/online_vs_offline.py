@@ -175,8 +175,8 @@ def run_online(config: Config) -> dict[str, Any]:
     keys = ("stage_busy_fraction", "attempts", "attempts_passed", "teacher_calls", "refinements_verified",
             "examples_trained", "train_steps", "adapters_published", "adapters_loaded_by_student", "heldout_pass1",
             "trained_task_pass_before", "trained_task_pass_after", "stop_reason")
-    return {"wall_s": round(final["t"] - start, 1), "phases_s": phases, "loop_wall_s": summary["wall_s"]} | {
-        k: summary[k] for k in keys}
+    return {"wall_s": round(final["t"] - start, 1), "phases_s": phases, "loop_wall_s": summary.wall_s} | {
+        k: v for k, v in summary.model_dump(mode="json").items() if k in keys}
 
 
 def side_main(args: argparse.Namespace) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persd_online.summary import RunSummary
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -42,11 +44,11 @@ def _teacher(info: dict[str, Any] | None) -> tuple[str | None, int | None, float
 def _from_run(root: Path) -> Entry:
     import yaml
 
-    summary = json.loads((root / "summary.json").read_text())
+    summary = RunSummary.read(root / "summary.json")
     config_file = root / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-    curve = summary.get("heldout_pass1") or []
-    kind, tokens, cost = _teacher(summary.get("teacher"))
+    curve = summary.heldout_pass1
+    kind, tokens, cost = _teacher(summary.teacher)
     last = curve[-1] if curve else None
     return Entry(name=root.name, kind="run (online)", method=config.get("method"),
                  adapter=f"v{last[0]}" if last else None, teacher=kind, teacher_tokens=tokens, teacher_cost_usd=cost,

@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray.util.queue import Queue
@@ -27,6 +26,7 @@ from persd_online.models import resolve_model
 from persd_online.report import base_vs_final, build_report
 from persd_online.run_dir import RunDir
 from persd_online.student import start_student, stop_student
+from persd_online.summary import RunSummary
 from persd_online.tasks import Task, load_tasks
 from persd_online.teacher import start_teacher_actor
 from persd_online.trainer import start_trainer
@@ -60,9 +60,9 @@ def connect(config: Config) -> None:
 
 
 def _cpus_needed(config: Config) -> int:
-    shares = (config.student.num_cpus * config.student.num_actors + config.trainer.num_cpus
-              + config.sandbox.num_cpus * config.sandbox.num_actors + config.teacher.num_cpus
-              + config.eval.num_cpus)
+    shares = (config.student.resources.num_cpus * config.student.num_actors + config.trainer.resources.num_cpus
+              + config.sandbox.resources.num_cpus * config.sandbox.num_actors + config.teacher.resources.num_cpus
+              + config.eval.resources.num_cpus)
     return int(-(-shares // 1))
 
 
@@ -78,7 +78,7 @@ def _start_actors(config: Config, run: RunDir, heldout: dict[str, list[Task]],
     from transformers import AutoTokenizer
 
     model_path = resolve_model(config.student.model, config.cache_dir)
-    sandbox_actor = ray.remote(SandboxActor).options(num_cpus=config.sandbox.num_cpus, max_restarts=-1)
+    sandbox_actor = ray.remote(SandboxActor).options(**config.sandbox.resources.ray_options())
     sandbox = [sandbox_actor.remote(
         config.sandbox.workers, config.sandbox.timeout_s, config.sandbox.memory_mb, config.sandbox.pin_cpus)
         for _ in range(config.sandbox.num_actors)]
@@ -87,13 +87,13 @@ def _start_actors(config: Config, run: RunDir, heldout: dict[str, list[Task]],
     teacher = start_teacher_actor(config.teacher, run.teacher_cache, executor, state.teacher if state else None)
     examples = Queue(maxsize=2 * config.trainer.batch_examples * config.trainer.publish_every_steps)
     trainer = start_trainer(config, model_path, run.root, examples)
-    evaluator = EvaluatorActor.options(num_cpus=config.eval.num_cpus).remote(student, executor, heldout,
-                                                                             config.eval)
+    evaluator = EvaluatorActor.options(**config.eval.resources.ray_options()).remote(
+        student, executor, heldout, config.eval)
     return Actors(student=student, teacher=teacher, trainer=trainer, evaluator=evaluator, executor=executor,
                   examples=examples, tokenizer=AutoTokenizer.from_pretrained(model_path))
 
 
-def _execute(config: Config, run: RunDir, state: LoopState | None) -> dict[str, Any]:
+def _execute(config: Config, run: RunDir, state: LoopState | None) -> RunSummary:
     started = time.monotonic()
     connect(config)
     pool, heldout = _tasks(config)
@@ -109,33 +109,33 @@ def _execute(config: Config, run: RunDir, state: LoopState | None) -> dict[str, 
     finally:
         stop_student(actors.student)
     run.write_summary(summary)
-    run.event("end", stop_reason=summary["stop_reason"])
+    run.event("end", stop_reason=summary.stop_reason)
     for path in build_report(run.root):
         log.info("report: %s", path)
     return summary
 
 
-def describe(root: Path, summary: dict[str, Any]) -> str:
+def describe(root: Path, s: RunSummary) -> str:
     """A few lines for the terminal: what the run did and where its results are."""
-    change = summary.get("heldout_change") or {}
+    change = s.heldout_change
     curve = "\n    ".join(describe_change(name, c) for name, c in sorted(change.items())) or "; ".join(
         f"{name} v{a['adapter_version']} {a['pass1']:.3f} -> v{b['adapter_version']} {b['pass1']:.3f}"
-        for name, (a, b) in sorted(base_vs_final(summary["heldout"]).items()))
-    before, after = summary["trained_task_pass_before"], summary["trained_task_pass_after"]
+        for name, (a, b) in sorted(base_vs_final(s.heldout).items()))
+    before, after = s.trained_task_pass_before, s.trained_task_pass_after
     trained = "n/a" if before is None else f"{before:.3f} -> {after:.3f}"
-    return (f"run {root} stopped: {summary['stop_reason']}\n"
-            f"  {summary['attempts']} attempts ({summary['attempts_passed']} passed), "
-            f"{summary['teacher_calls']} teacher calls ({summary['teacher']['kind']}), "
-            f"{summary['refinements_verified']} verified refinements, {summary['examples_trained']} examples "
-            f"trained in {summary['train_steps']} steps\n"
-            f"  adapters: {summary['adapters_published']} published, {summary['adapters_loaded_by_student']} "
+    return (f"run {root} stopped: {s.stop_reason}\n"
+            f"  {s.attempts} attempts ({s.attempts_passed} passed), "
+            f"{s.teacher_calls} teacher calls ({s.teacher['kind']}), "
+            f"{s.refinements_verified} verified refinements ({s.examples_distinct} distinct labels), "
+            f"{s.examples_trained} examples trained in {s.train_steps} steps\n"
+            f"  adapters: {s.adapters_published} published, {s.adapters_loaded_by_student} "
             f"loaded by the student\n"
             f"  held-out pass@1, base student -> trained adapter:\n    {curve}\n"
-            f"  greedy pass rate on the {summary['trained_tasks']} trained tasks, v0 -> final: {trained}\n"
+            f"  greedy pass rate on the {s.trained_tasks} trained tasks, v0 -> final: {trained}\n"
             f"  summary: {root / 'summary.json'}; report: {root / 'report'}")
 
 
-def run(config: Config) -> tuple[Path, dict[str, Any]]:
+def run(config: Config) -> tuple[Path, RunSummary]:
     """A fresh run of `config`; returns its directory and summary."""
     run_dir = RunDir.create(config)
     log.info("run directory: %s", run_dir.root)
@@ -145,7 +145,7 @@ def run(config: Config) -> tuple[Path, dict[str, Any]]:
         run_dir.close()
 
 
-def resume(root: str | Path, overrides: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
+def resume(root: str | Path, overrides: list[str] | None = None) -> tuple[Path, RunSummary]:
     """Continue the run in `root` from its last checkpoint (`overrides`: e.g. `budget.max_wall_s=2000`;
     budgets count the whole run, so a resumed run needs a larger one to go on)."""
     run_dir, config = RunDir.resume(root, overrides)

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-from persd_online import atomic
+from persd_online import adapters, atomic
 from persd_online.config import ARMS, Config, ConfigError
 from persd_online.heldout import SetScore
 from persd_online.records import Example
@@ -78,7 +78,7 @@ class ArmResult(BaseModel):
 def offline_config(config: Config) -> Config:
     """The config the in-process stages run with: the engine and the trainer each get every core in turn."""
     return config.model_copy(update={
-        "student": config.student.model_copy(update={"cpu_cores": f"0-{(os.cpu_count() or 1) - 1}"}),
+        "student": config.student.model_copy(update={"cpu_cores": list(range(os.cpu_count() or 1))}),
         "trainer": config.trainer.model_copy(update={"cpu_cores": None}),
         "eval": config.eval.model_copy(update={"tasks": config.experiment.heldout,
                                                "limit": config.experiment.heldout_limit}),
@@ -91,11 +91,11 @@ def fingerprint(config: Config, arm: str) -> str:
     keys: dict[str, Any] = {"arm": arm, "pool": c.tasks.pool, "limit": c.tasks.limit, "seed": c.seed,
                             "student": c.student.model_dump(include=SCORING_KEYS | (
                                 set() if arm == "base" else ATTEMPT_KEYS)),
-                            "eval": c.eval.model_dump(exclude={"tasks", "limit", "every_versions", "num_cpus"}),
+                            "eval": c.eval.model_dump(exclude={"tasks", "limit", "every_versions", "resources"}),
                             "heldout": [c.experiment.heldout, c.experiment.heldout_limit]}
     if arm != "base":
         keys |= {"match": c.experiment.match, "budget": c.experiment.budget, "method": c.method,
-                 "trainer": c.trainer.model_dump(exclude={"cpu_cores", "num_cpus", "num_gpus", "max_restarts"}),
+                 "trainer": c.trainer.model_dump(exclude={"cpu_cores", "resources"}),
                  "teacher": c.teacher.model_dump(include={"kind", "model", "base_url", "include_reference",
                                                            "refine_rounds", "temperature", "max_tokens"})}
     if arm in OFFLINE_ARMS:
@@ -196,12 +196,13 @@ def _offline_arm(config: Config, arm: str, model_path: Path, work: Path,
     versions = train_offline(config, model_path, examples, out, epochs=config.experiment.epochs,
                              info={"method": arm, "experiment": True})
     info = json.loads((out / "offline.json").read_text())
+    trained = adapters.version_dir(out / "adapters", versions[-1])
     return {"examples": len(examples), "examples_trained": len(examples) * config.experiment.epochs,
             "tasks": len({x.task_id for x in examples}), "teacher_calls": calls, "train_steps": info["train_steps"],
             "short_of_budget": _short(config, len(examples), calls),
             "teacher_tokens": teacher.get("prompt_tokens", 0) + teacher.get("completion_tokens", 0),
             "teacher_cost_usd": teacher.get("cost_usd", 0.0), "data_wall_s": round(data_wall, 1),
-            "train_wall_s": round(time.monotonic() - start - data_wall, 1)}, out / "adapters" / f"v{versions[-1]:04d}"
+            "train_wall_s": round(time.monotonic() - start - data_wall, 1)}, trained
 
 
 def _short(config: Config, examples: int, calls: int) -> bool:
@@ -299,13 +300,13 @@ def _online_arm(config: Config, arm: str, work: Path, stage: Callable[[str], Non
     })
     stage(f"online loop ({loop_config.curriculum.policy} curriculum) until {e.budget} {e.match.replace('_', ' ')}")
     root, summary = driver.run(loop_config)
-    teacher = summary["teacher"]
-    return {"examples": summary["examples_distinct"], "examples_trained": summary["examples_trained"],
-            "tasks": summary["trained_tasks"], "teacher_calls": summary["teacher_calls"],
-            "train_steps": summary["train_steps"],
-            "short_of_budget": _short(config, summary["examples_distinct"], summary["teacher_calls"]),
+    teacher = summary.teacher
+    return {"examples": summary.examples_distinct, "examples_trained": summary.examples_trained,
+            "tasks": summary.trained_tasks, "teacher_calls": summary.teacher_calls,
+            "train_steps": summary.train_steps,
+            "short_of_budget": _short(config, summary.examples_distinct, summary.teacher_calls),
             "teacher_tokens": teacher.get("prompt_tokens", 0) + teacher.get("completion_tokens", 0),
-            "teacher_cost_usd": teacher.get("cost_usd", 0.0), "train_wall_s": summary["wall_s"]}, root
+            "teacher_cost_usd": teacher.get("cost_usd", 0.0), "train_wall_s": summary.wall_s}, root
 
 
 def _arm_in_process(config_json: str, arm: str, work: str, stage_file: str) -> str:

@@ -77,6 +77,12 @@ class LoopMetrics:
         if self._ray and value:
             self._ray[name].inc(value)
 
+    def sync(self, totals: dict[str, float]) -> None:
+        """Take the run's totals (the loop's ledger counts them); the Ray counters get the increments."""
+        for name, value in totals.items():
+            if value > self.counters[name]:
+                self.inc(name, value - self.counters[name])
+
     def set(self, name: str, value: float, **tags: str) -> None:
         if name not in GAUGES:
             raise KeyError(f"unknown gauge {name!r}")

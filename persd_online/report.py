@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from persd_online.evaluator import describe_change  # noqa: E402
 from persd_online.run_dir import read_jsonl  # noqa: E402
+from persd_online.summary import RunSummary  # noqa: E402
 
 
 def _learning_curve(evals: list[dict[str, Any]], out: Path) -> None:
@@ -76,9 +77,9 @@ def base_vs_final(evals: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any]
     return pairs
 
 
-def _summary_markdown(summary: dict[str, Any], evals: list[dict[str, Any]]) -> str:
+def _summary_markdown(summary: RunSummary, evals: list[dict[str, Any]]) -> str:
     text = "# Run summary\n\n"
-    change = summary.get("heldout_change") or {}
+    change = summary.heldout_change
     if change:
         text += "## Held-out pass@1: base student vs trained adapter\n\n"
         text += "".join(f"- {describe_change(name, c)}\n" for name, c in sorted(change.items())) + "\n"
@@ -90,8 +91,9 @@ def _summary_markdown(summary: dict[str, Any], evals: list[dict[str, Any]]) -> s
             text += "".join(f"| {name} | v{a['adapter_version']}: {a['pass1']:.3f} | v{b['adapter_version']}: "
                             f"{b['pass1']:.3f} |\n" for name, (a, b) in sorted(pairs.items()))
             text += "\n"
-    rows = [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in summary.items()
-            if k not in ("heldout", "heldout_change")]  # per-task outcomes: in summary.json
+    rows = [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |"
+            # per-task outcomes stay in summary.json
+            for k, v in summary.model_dump(mode="json", exclude={"heldout", "heldout_change"}).items()]
     return text + "## Figures\n\n| figure | value |\n|---|---|\n" + "\n".join(rows) + "\n"
 
 
@@ -110,7 +112,7 @@ def build_report(run_root: str | Path) -> list[Path]:
         _utilisation(list(read_jsonl(root / "metrics.jsonl")), out / "stage_utilisation.png")
         written.append(out / "stage_utilisation.png")
     if (root / "summary.json").exists():
-        summary = json.loads((root / "summary.json").read_text())
+        summary = RunSummary.read(root / "summary.json")
         (out / "summary.md").write_text(_summary_markdown(summary, evals))
         written.append(out / "summary.md")
     return written

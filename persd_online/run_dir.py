@@ -4,8 +4,8 @@
       config.yaml        the resolved config (every default spelled out)
       events.jsonl       one line per thing that happened: {"t": unix time, "kind": ..., ...fields}
       metrics.jsonl      periodic metric snapshots: {"t": ..., name: value, ...}
-      summary.json       end-of-run figures (written atomically, also at each checkpoint)
-      adapters/vNNNN/    published LoRA versions, each complete only with its COMPLETE marker
+      summary.json       end-of-run figures (`summary.RunSummary`, written atomically)
+      adapters/vNNNN/    published LoRA versions, each complete only with its marker (`adapters.py`)
       checkpoints/       trainer, curriculum and loop state for --resume
       teacher_cache/     content-addressed teacher responses
       report/            PNG plots and a markdown summary
@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from persd_online import atomic
 from persd_online.config import Config, dump_config, load_config
+from persd_online.summary import RunSummary
 
 
 class RunDir:
@@ -83,8 +84,8 @@ class RunDir:
         """Append one metrics snapshot."""
         self._metrics.write(json.dumps({"t": round(time.time(), 3), **snapshot}, default=str) + "\n")
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic.write_text(self.root / "summary.json", json.dumps(summary, indent=2, default=str))
+    def write_summary(self, summary: RunSummary) -> None:
+        summary.write(self.root / "summary.json")
 
     def close(self) -> None:
         self._events.close()

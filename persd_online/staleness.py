@@ -12,9 +12,12 @@ publishes past `u + max_staleness`: `(max_staleness + 1 - (v - u)) * examples_pe
 trains in arrival order, so the backlog moves it on before any new attempt's example is reached; without the
 backlog and lag terms, a burst waiting at a slow trainer went stale while generation kept adding to it.
 (3) Progress: when nothing is in flight and the trainer is starved (it waits for examples to fill a step),
-one task's attempts are admitted whatever the room: only they can move it, and it cannot publish before
-that step, so they are not stale. Without this, a step bigger than the room left (a cold replay buffer
-wants a whole batch of fresh examples) waited for examples the gate would never admit.
+one task's attempts are admitted whatever the room (`forced`): only they can move it. Those the step needs
+are fresh; the rest of the task's examples (at most `unit - 1`) can land after the step publishes and go
+stale. That is the whole price: with examples arriving in admission order, no other example goes stale
+(the property test in tests/test_ledger.py checks both). Without this rule, a step bigger than the room
+left (a cold replay buffer wants a whole batch of fresh examples) waited for examples the gate would never
+admit.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class StalenessGate:
     max_staleness: int
     examples_per_version: int
     in_flight: int = 0
+    forced: int = 0  # grants made past the room by the progress rule (3)
 
     @property
     def capacity(self) -> int:
@@ -50,8 +54,10 @@ class StalenessGate:
         if lag > self.max_staleness:
             return 0
         room = self.capacity - lag * self.examples_per_version - self.in_flight - backlog
-        if starved and self.in_flight == 0:
-            room = max(room, unit)
+        forced = starved and self.in_flight == 0 and room < unit <= wanted
+        if forced:
+            room = unit
+            self.forced += 1
         granted = max(0, min(wanted, room)) // unit * unit
         self.in_flight += granted
         return granted

@@ -8,14 +8,14 @@ import pytest
 
 from persd_online.cli import main
 from persd_online.compare import load_entries
+from tests.summary_fixtures import make_summary
 
 
 def write_inputs(tmp_path):
     run = tmp_path / "runs" / "online"
     run.mkdir(parents=True)
-    (run / "summary.json").write_text(json.dumps({
-        "heldout_pass1": [[0, 0.10], [4, 0.20]],
-        "teacher": {"kind": "openai", "prompt_tokens": 900, "completion_tokens": 100, "cost_usd": 0.02}}))
+    make_summary(heldout_pass1=[(0, 0.10), (4, 0.20)], teacher={
+        "kind": "openai", "prompt_tokens": 900, "completion_tokens": 100, "cost_usd": 0.02}).write(run / "summary.json")
     (run / "config.yaml").write_text("method: persd_refine\neval:\n  tasks: [humaneval]\n")
     base = {"kind": "eval", "task_set": "humaneval", "refine_steps": 1, "pass1_by_step": [0.1, 0.15],
             "baseline_pass_at_k": 0.18, "extra": {"adapter": None}}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from persd_online import adapters
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,8 +58,8 @@ def cluster(tmp_path):
 
 
 def published(root: Path) -> dict[int, str]:
-    return {int(p.parent.name[1:]): p.read_text() for p in (root / "adapters").glob("v*/adapter_version.json")
-            if (p.parent / "COMPLETE").is_file()}
+    return {v: (adapters.version_dir(root / "adapters", v) / adapters.VERSION_FILE).read_text()
+            for v in adapters.published_versions(root / "adapters")}
 
 
 def test_submitted_job_killed_then_resumed(student_model, tmp_path, cluster) -> None:
@@ -92,7 +94,7 @@ def test_submitted_job_killed_then_resumed(student_model, tmp_path, cluster) -> 
     after = published(root)
     assert all(after[v] == text for v, text in before.items())  # no version rewritten
     assert max(after) >= max(before) + 1 and summary["adapters_published"] == max(after)
-    assert summary["attempts"] > checkpoint["counters"]["attempts"]  # counters continue from the checkpoint
+    assert summary["attempts"] > checkpoint["ledger"]["counts"]["attempts"]  # counts continue from the checkpoint
     assert summary["heldout_pass1"][0] == [0, checkpoint["evals"][0]["pass1"]]  # the curve continues
     trained = [i for text in after.values() for i in json.loads(text)["example_ids"]]
     assert len(trained) == len(set(trained))  # nothing trained twice as fresh data

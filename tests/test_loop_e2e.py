@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from persd_online import adapters
 from persd_online.config import load_config
 from persd_online.run_dir import read_jsonl
 from persd_online.tasks import load_tasks
@@ -106,7 +107,7 @@ def run(student_model, tmp_path_factory):
             done.set()
             ray.shutdown()
     events = list(read_jsonl(root / "events.jsonl"))
-    return root, summary, events, teacher
+    return root, summary.model_dump(mode="json"), events, teacher
 
 
 def kinds(events: list[dict], kind: str) -> list[dict]:
@@ -119,19 +120,20 @@ def test_versions_are_published_and_served(run) -> None:
     assert summary["adapters_loaded_by_student"] >= 2
     versions = {e["version"] for e in kinds(events, "attempt")}
     assert len(versions) >= 2, versions
-    for v in range(1, summary["adapters_published"] + 1):
-        assert (root / "adapters" / f"v{v:04d}" / "COMPLETE").is_file()
+    assert adapters.published_versions(root / "adapters")[:summary["adapters_published"]] == list(
+        range(1, summary["adapters_published"] + 1))
 
 
 def test_verified_refinements_become_trained_examples_within_staleness(run) -> None:
     root, summary, events, _ = run
     assert summary["teacher"]["kind"] == "openai"
     assert summary["refinements_verified"] > 0 and summary["examples_trained"] > 0
+    assert 0 < summary["examples_distinct"] <= summary["refinements_verified"]
     example_ids = {e["example_id"] for e in kinds(events, "example")}
     trained: list[str] = []
-    for meta_file in sorted((root / "adapters").glob("v*/adapter_version.json")):
-        meta = json.loads(meta_file.read_text())
-        assert meta["staleness_max"] <= meta["max_staleness"] == 1, meta_file
+    for version in adapters.published_versions(root / "adapters"):
+        meta = adapters.read_metadata(adapters.version_dir(root / "adapters", version))
+        assert meta["staleness_max"] <= meta["max_staleness"] == 1, version
         trained += meta["example_ids"]
     assert trained and set(trained) <= example_ids  # every trained example came from a verified refinement
     assert len(trained) == len(set(trained))  # none trained twice as fresh
@@ -166,7 +168,7 @@ def test_run_directory_contract(run) -> None:
                 "refinements_verified", "examples_trained", "train_steps", "stale_dropped", "heldout_pass1",
                 "trained_task_pass_before", "trained_task_pass_after", "stage_busy_fraction", "wall_s", "teacher"):
         assert key in summary, key
-    assert json.loads((root / "summary.json").read_text())["attempts"] == summary["attempts"]
+    assert json.loads((root / "summary.json").read_text()) == summary  # the typed summary, as written
     assert len(summary["heldout_pass1"]) >= 2
     # version 0 against the final version on the same held-out tasks, paired, with the verdict in words
     change = summary["heldout_change"]["mbpp:test"]

@@ -6,6 +6,7 @@ from persd_online.config import Config
 from persd_online.evaluator import heldout_change
 from persd_online.report import build_report
 from persd_online.run_dir import RunDir
+from tests.summary_fixtures import make_summary
 
 
 def _eval(version, task_set, passed, n, calls, full=True):
@@ -23,8 +24,8 @@ def test_report_from_run_files(tmp_path):
     for i, e in enumerate(evals):
         run.event("eval", **e)
         run.metrics({"wall_s": 60.0 * i, "busy/student": 0.5 + 0.1 * i, "busy/trainer": 0.3})
-    run.write_summary({"adapters_published": 3, "heldout_pass1": [[0, 0.05], [2, 0.06]], "heldout": evals,
-                       "heldout_change": heldout_change(evals)})
+    run.write_summary(make_summary(adapters_published=3, heldout_pass1=[(0, 0.05), (2, 0.06)], heldout=evals,
+                                   heldout_change=heldout_change(evals)))
     run.close()
     written = build_report(run.root)
     assert {p.name for p in written} == {"learning_curve.png", "stage_utilisation.png", "summary.md"}

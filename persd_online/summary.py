@@ -1,0 +1,54 @@
+"""A run's summary: the typed form of `summary.json` (the run-directory contract in the README).
+
+The loop builds it at the end of a run; the driver writes it, and the report, `compare`, the experiment, the
+benchmarks and the tests read it back with `RunSummary.read`.
+
+Invariants: the JSON keys are the field names below and nothing else (`extra="forbid"`), so a reader never
+meets a key the writer did not declare; counts are the run's totals, resumed runs included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from persd_online import atomic
+
+
+class RunSummary(BaseModel):
+    """What one run did and what it reached."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stop_reason: str
+    method: str
+    adapters_published: int
+    adapters_loaded_by_student: int
+    attempts: int
+    attempts_passed: int
+    teacher_calls: int
+    refinements_verified: int
+    examples_trained: int = Field(description="Example uses by optimizer steps (replay included).")
+    examples_distinct: int = Field(description="Distinct labels (task, program) sent to the trainer.")
+    train_steps: int
+    stale_dropped: int
+    heldout_pass1: list[tuple[int, float]] = Field(description="(version, pass@1) on the first held-out set.")
+    heldout: list[dict[str, Any]] = Field(description="Every evaluation event, per-task outcomes included.")
+    heldout_change: dict[str, dict[str, Any]] = Field(
+        description="Per held-out set: version 0 against the final version, 95% interval and paired test.")
+    trained_tasks: int
+    trained_task_pass_before: float | None
+    trained_task_pass_after: float | None
+    stage_busy_fraction: dict[str, float]
+    wall_s: float
+    curriculum: dict[str, int]
+    teacher: dict[str, Any] = Field(description="The teacher's own description: kind, calls, tokens, cost.")
+
+    def write(self, path: Path) -> None:
+        atomic.write_text(path, self.model_dump_json(indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> RunSummary:
+        return cls.model_validate_json(path.read_text())
