@@ -234,6 +234,9 @@ class TrainerConfig(_ActorSection):
     replay_fraction: float = Field(0.5, ge=0, lt=1, description="Share of each batch drawn from replay.")
     replay_capacity: int = Field(512, ge=1)
     max_reuse: int = Field(4, ge=1, description="Times one example may be trained on.")
+    stale_labels: Literal["replay", "drop"] = Field(
+        "replay", description="A verified label that arrives past max_staleness: into the replay buffer, "
+        "trained later as replay (staleness bounds personalisation, not correctness), or dropped.")
     torch_threads: int | None = Field(None, ge=1, description="null: one per core in cpu_cores, else torch's own.")
     cpu_cores: CoreList | None = Field(
         default_factory=lambda: [1], description="Cores the trainer process is pinned to ('1-3' or [1, 2, 3]; "

@@ -2,9 +2,10 @@
 
 Fresh examples wait in arrival order. A step draws `step_examples` examples (`draw`): a `replay_fraction`
 share from the replay buffer (`replay.py`) once it holds any, the rest fresh, oldest first. On the way, fresh
-examples whose id was trained already, or that are stale against the trainer's published version
-(`staleness.is_stale`), are dropped and counted. Once the step has run, its fresh examples are recorded as
-trained (`trained`): their ids are never taken fresh again, and they join the replay buffer.
+examples whose id was trained already are dropped, and those stale against the trainer's published version
+(`staleness.is_stale`) go to the replay buffer unused (`stale_to_replay`, the default: a verified label stays
+correct however old its attempt) or are dropped; each is counted. Once the step has run, its fresh examples
+are recorded as trained (`trained`): their ids are never taken fresh again, and they join the replay buffer.
 
 Invariants:
 - fresh examples are taken in arrival order, each at most once; an id recorded as trained is dropped
@@ -38,14 +39,17 @@ class Draw:
     fresh: list[Example]
     replayed: list[Example]
     stale_dropped: int = 0
+    stale_replayed: int = 0
     duplicates_dropped: int = 0
 
 
 class ExampleBuffer:
     """Fresh examples waiting for a step, the ids trained so far, and the replay buffer."""
 
-    def __init__(self, step_examples: int, replay_fraction: float, max_staleness: int, replay: ReplayBuffer) -> None:
+    def __init__(self, step_examples: int, replay_fraction: float, max_staleness: int, replay: ReplayBuffer,
+                 stale_to_replay: bool = True) -> None:
         self.step_examples = step_examples
+        self.stale_to_replay = stale_to_replay
         self.replay_fraction = replay_fraction
         self.max_staleness = max_staleness
         self.replay = replay
@@ -68,19 +72,23 @@ class ExampleBuffer:
         """The next step's examples, staleness judged against the trainer's published `version`."""
         n_replay = self.replay_share()
         fresh: list[Example] = []
-        stale = duplicates = 0
+        stale = to_replay = duplicates = 0
         while self.fresh and len(fresh) < self.step_examples - n_replay:
             example = self.fresh.pop(0)
             if example.example_id in self.seen:
                 duplicates += 1
             elif is_stale(example.adapter_version, version, self.max_staleness):
-                stale += 1
-                log.debug("dropped stale example %s (attempt v%s, trainer v%d)", example.example_id,
-                          example.adapter_version, version)
+                if self.stale_to_replay and example.example_id not in self.replay:
+                    self.replay.add(example, uses=0)
+                    to_replay += 1
+                else:
+                    stale += 1
+                log.debug("stale example %s (attempt v%s, trainer v%d): %s", example.example_id,
+                          example.adapter_version, version, "to replay" if self.stale_to_replay else "dropped")
             else:
                 fresh.append(example)
         replayed = self.replay.sample(n_replay) if fresh else []
-        return Draw(fresh, replayed, stale, duplicates)
+        return Draw(fresh, replayed, stale, to_replay, duplicates)
 
     def trained(self, fresh: Iterable[Example]) -> None:
         """Record fresh examples as trained: never taken fresh again, offered to replay."""

@@ -138,7 +138,7 @@ class Ledger:
     def trainer_reported(self, stats: dict[str, Any], queued: int) -> None:
         """The trainer's own totals, and `queued` examples still in the queue to it (read before the stats: an
         example moving meanwhile counts twice, never zero times)."""
-        for name in ("examples_trained", "train_steps", "stale_dropped"):
+        for name in ("examples_trained", "train_steps", "stale_dropped", "stale_replayed"):
             self.counts[name] = stats[name]
         self.backlog = queued + stats.get("fresh_pending", 0)
         self.starved = queued == 0 and not stats.get("ready", True)

@@ -374,6 +374,7 @@ class OnlineLoop:
             attempts=c["attempts"], attempts_passed=c["attempts_passed"], teacher_calls=c["teacher_calls"],
             refinements_verified=c["refinements_verified"], examples_trained=c["examples_trained"],
             examples_distinct=c["examples_distinct"], train_steps=c["train_steps"], stale_dropped=c["stale_dropped"],
+            stale_replayed=c["stale_replayed"],
             heldout_pass1=[(e["adapter_version"], e["pass1"]) for e in self.evals
                            if e["task_set"] == self.config.eval.tasks[0]],
             heldout=self.evals, heldout_change=heldout_change(self.evals),

@@ -1,6 +1,7 @@
 """The replay buffer: earlier training examples mixed into each step so the student does not forget.
 
-Rules: an example enters after its first optimizer step (fresh examples are never waiting here); the
+Rules: an example enters after its first optimizer step (fresh examples are never waiting here), or
+unused when it arrived too stale to train fresh (`trainer.stale_labels: replay`); the
 buffer holds at most `capacity` examples, evicting the oldest; an example is drawn at most `max_reuse - 1`
 more times (its first training counts as one use) and leaves the buffer when used up; draws are uniform
 among eligible examples, from a seeded generator whose state is checkpointed with the buffer.
@@ -35,11 +36,12 @@ class ReplayBuffer:
     def __contains__(self, example_id: str) -> bool:
         return example_id in self._items
 
-    def add(self, example: Example) -> None:
-        """Record one use of a freshly trained example (ignored if held already or already used up)."""
-        if example.example_id in self._items or self.max_reuse <= 1:
+    def add(self, example: Example, uses: int = 1) -> None:
+        """Hold an example `uses` times trained already: 1 for a freshly trained one, 0 for a verified label that
+        arrived too stale to train fresh (ignored if held already or already used up)."""
+        if example.example_id in self._items or uses >= self.max_reuse:
             return
-        self._items[example.example_id] = (example, 1)
+        self._items[example.example_id] = (example, uses)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 

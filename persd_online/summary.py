@@ -34,6 +34,7 @@ class RunSummary(BaseModel):
     examples_distinct: int = Field(description="Distinct labels (task, program) sent to the trainer.")
     train_steps: int
     stale_dropped: int
+    stale_replayed: int = Field(description="Verified labels past max_staleness kept for replay, not dropped.")
     heldout_pass1: list[tuple[int, float]] = Field(description="(version, pass@1) on the first held-out set.")
     heldout: list[dict[str, Any]] = Field(description="Every evaluation event, per-task outcomes included.")
     heldout_change: dict[str, dict[str, Any]] = Field(

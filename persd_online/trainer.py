@@ -87,6 +87,7 @@ class TrainerStats:
     examples_trained: int = 0
     replayed: int = 0
     stale_dropped: int = 0
+    stale_replayed: int = 0
     duplicates_dropped: int = 0
     truncated: int = 0
     tokens_trained: int = 0
@@ -120,7 +121,8 @@ class LoraTrainer:
         self.adapters_dir = Path(root) / "adapters"
         self.learner = Learner(t, model_path, config.student.prompt_format)
         self.examples = ExampleBuffer(examples_per_step(t), t.replay_fraction, config.max_staleness,
-                                      ReplayBuffer(t.replay_capacity, t.max_reuse, t.seed))
+                                      ReplayBuffer(t.replay_capacity, t.max_reuse, t.seed),
+                                      stale_to_replay=t.stale_labels == "replay")
         self.checkpoints = TrainerCheckpoints(Path(root) / "checkpoints")
         self.stats = TrainerStats()
         self.version = adapters.latest(self.adapters_dir)
@@ -143,6 +145,7 @@ class LoraTrainer:
         """One optimizer step on up to one step's worth of examples; None if no fresh example was usable."""
         draw = self.examples.draw(self.version)
         self.stats.stale_dropped += draw.stale_dropped
+        self.stats.stale_replayed += draw.stale_replayed
         self.stats.duplicates_dropped += draw.duplicates_dropped
         if not draw.fresh:
             return None

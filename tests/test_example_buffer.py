@@ -16,8 +16,10 @@ def made(n: int, version: int | None = None, prefix: str = "e") -> list[Example]
                     adapter_version=version) for i in range(n)]
 
 
-def buffer(step: int = 4, replay_fraction: float = 0.5, max_staleness: int = 1) -> ExampleBuffer:
-    return ExampleBuffer(step, replay_fraction, max_staleness, ReplayBuffer(capacity=16, max_reuse=3, seed=1))
+def buffer(step: int = 4, replay_fraction: float = 0.5, max_staleness: int = 1,
+           stale_to_replay: bool = False) -> ExampleBuffer:
+    return ExampleBuffer(step, replay_fraction, max_staleness, ReplayBuffer(capacity=16, max_reuse=3, seed=1),
+                         stale_to_replay)
 
 
 def ids(examples: list[Example]) -> list[str]:
@@ -35,6 +37,22 @@ def test_stale_and_already_trained_examples_are_dropped_and_counted() -> None:
     b.add(recent[:1] + made(1, version=3, prefix="next"))
     again = b.draw(version=3)
     assert ids(again.fresh) == ["next0"] and (again.stale_dropped, again.duplicates_dropped) == (0, 1)
+
+
+def test_a_stale_verified_label_reaches_replay_not_the_floor() -> None:
+    b = buffer(step=4, replay_fraction=0.5, stale_to_replay=True)
+    b.add(made(2, version=0, prefix="late"))
+    draw = b.draw(version=3)  # 3 - 0 > 1: too stale to train fresh, still a correct label
+    assert draw.fresh == [] and (draw.stale_dropped, draw.stale_replayed) == (0, 2)
+    assert "late0" in b.replay and "late1" in b.replay
+    b.add(made(3, version=3, prefix="new"))
+    trained = b.draw(version=3)
+    assert ids(trained.fresh) == ["new0", "new1"] and sorted(ids(trained.replayed)) == ["late0", "late1"]
+    uses = Counter()
+    for _ in range(5):  # unused when it entered: max_reuse (3) draws in all, the first above included
+        b.add(made(1, version=3, prefix=f"more{_}"))
+        uses.update(ids(b.draw(version=3).replayed))
+    assert uses["late0"] == uses["late1"] == 2
 
 
 def test_a_draw_with_no_usable_fresh_example_takes_nothing_from_replay() -> None:

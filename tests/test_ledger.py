@@ -43,6 +43,11 @@ def _refine(ledger: Ledger, attempt: Attempt, verified=True, label="fix", cached
     return ledger.refined(attempt.task_id, outcome, examples)
 
 
+def _stats(trained=0, steps=0, **more):
+    """The trainer's report (`TrainerActor.stats`)."""
+    return {"examples_trained": trained, "train_steps": steps, "stale_dropped": 0, "stale_replayed": 0} | more
+
+
 def _cycle(ledger: Ledger, verified=True):
     """Admit, fail every attempt, refine every failure; returns the examples handed to the trainer."""
     attempts, verdicts = _attempts(ledger, ledger.admit())
@@ -56,7 +61,7 @@ def test_examples_handed_over_count_in_the_backlog_before_the_trainer_reports():
     ledger = _ledger(staleness=1, per_version=4)  # room: (1 + 1) * 4 = 8 attempts
     assert len(_cycle(ledger)) == 8 and ledger.in_flight == 0 and ledger.backlog == 8
     assert ledger.admit() == []
-    ledger.trainer_reported({"examples_trained": 8, "train_steps": 2, "stale_dropped": 0}, queued=0)
+    ledger.trainer_reported(_stats(trained=8, steps=2), queued=0)
     assert len(ledger.admit()) == 4  # trained: the room is back
 
 
@@ -93,7 +98,7 @@ def test_a_starved_trainer_with_a_cold_replay_buffer_still_gets_a_task():
     # rule it waited for examples the gate would never admit.
     ledger = _ledger(samples=4, staleness=0, per_version=2)  # room 2 < one task's 4 attempts
     assert ledger.admit() == []
-    ledger.trainer_reported({"examples_trained": 0, "train_steps": 0, "stale_dropped": 0, "ready": False}, queued=0)
+    ledger.trainer_reported(_stats(ready=False), queued=0)
     assert len(ledger.admit()) == 1 and ledger.in_flight == 4
     assert ledger.admit() == []  # one task at a time: the rule needs nothing in flight
 
@@ -135,7 +140,7 @@ def test_a_restored_ledger_decides_as_the_original():
     assert again.counts == ledger.counts and len(again.labels) == len(ledger.labels)
     assert again.trained_tasks == ledger.trained_tasks
     for one in (ledger, again):  # in-flight work and the backlog are not kept: the trainer's report restores it
-        one.trainer_reported({"examples_trained": 0, "train_steps": 0, "stale_dropped": 0}, queued=8)
+        one.trainer_reported(_stats(), queued=8)
     assert [p.task_id for p in again.admit()] == [p.task_id for p in ledger.admit()]
 
 
@@ -194,7 +199,7 @@ class _Sim:
             if self.fresh == self.ledger.settings.examples_per_version:
                 self.fresh, self.version = 0, self.version + 1
         self.ledger.trainer_reported({"examples_trained": self.trained, "train_steps": self.version,
-                                      "stale_dropped": self.stale, "fresh_pending": self.fresh,
+                                      "stale_dropped": self.stale, "stale_replayed": 0, "fresh_pending": self.fresh,
                                       "ready": bool(self.queue)}, queued=len(self.queue))
         self.ledger.published(self.version)
 
@@ -217,7 +222,7 @@ class _Sim:
                 self.train_one()
         self.ledger.served(self.version)
         self.ledger.trainer_reported({"examples_trained": self.trained, "train_steps": self.version,
-                                      "stale_dropped": self.stale, "fresh_pending": self.fresh,
+                                      "stale_dropped": self.stale, "stale_replayed": 0, "fresh_pending": self.fresh,
                                       "ready": False}, queued=0)  # it waits for examples
         self.check()
         return self.ledger.admit()
