@@ -56,8 +56,8 @@ def overrides(args: argparse.Namespace, side: str, base_url: str, runs_dir: Path
         f"runs_dir={runs_dir}", f"name={side}", f"tasks.pool={POOL}", f"tasks.limit={args.pool}",
         f"student.samples_per_task={args.samples}", "eval.tasks=[humaneval]", f"eval.limit={args.eval_limit}",
         "eval.every_versions=1000000",  # version 0 and the end only, as the offline side
-        "teacher.kind=openai", f"teacher.base_url={base_url}", "teacher.model=stub-teacher",
-        f"teacher.timeout_s={args.teacher_latency_s + 30}",
+        f"teacher.tiers=[{{kind: openai, base_url: '{base_url}', model: stub-teacher, "
+        f"timeout_s: {args.teacher_latency_s + 30}}}]",
     ]
 
 
@@ -81,9 +81,9 @@ def run_offline(config: Config, epochs: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from persd_online import offline
+    from persd_online.cascade import build_cascade, local_generate
     from persd_online.collect import attempt_pool, build_examples, pool_tasks, refine_failures
     from persd_online.evaluator import score, summarise
-    from persd_online.teacher import build_teacher
 
     clock = Clock()  # from here, as the online side's clock (before its engine starts)
     began = time.monotonic()
@@ -118,9 +118,9 @@ def run_offline(config: Config, epochs: int) -> dict[str, Any]:
             log.info("offline: %d attempts, %d passed (%.0f s)", len(attempts), sum(v.passed for v in verdicts),
                      clock.busy["student"])
             began = time.monotonic()
-            teacher = build_teacher(config.teacher, root / "teacher_cache")
-            outcomes, _ = asyncio.run(refine_failures(teacher, executor, tasks, attempts, verdicts,
-                                                      config.teacher.refine_rounds))
+            teacher = build_cascade(config.teacher, root / "teacher_cache", executor,
+                                    local_generate(student, config.teacher, 0), config.student.prompt_format)
+            outcomes, _ = asyncio.run(refine_failures(teacher, tasks, attempts, verdicts))
             clock.stage("teacher", began)
             log.info("offline: %d refinements verified (%.0f s)",
                      sum(o.verified is not None for o in outcomes.values()), clock.busy["teacher"])

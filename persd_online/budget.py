@@ -1,4 +1,4 @@
-"""Accounting of teacher calls: tokens, cost, cache hits, and the hard budget that stops paid calls.
+"""Accounting of one teacher tier's calls: tokens, cost, cache hits, and the hard budget that stops paid calls.
 
 Invariants:
 - `check()` runs before every paid call, after the call has its concurrency slot, so calls that overshoot
@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from persd_online.config import TeacherConfig
+from persd_online.config import OpenAITier
 
 
 class BudgetExhausted(RuntimeError):
-    """The teacher's token or cost budget is spent; no further paid calls are made."""
+    """A tier's token or cost budget is spent; it makes no further paid calls."""
 
 
 @dataclass
@@ -32,10 +32,10 @@ class Spend:
     cost_usd: float = 0.0
 
 
-class Ledger:
-    """Counts teacher usage against the configured prices and limits."""
+class TeacherBudget:
+    """Counts a tier's usage against its prices and limits (none: free and unlimited, e.g. the oracle)."""
 
-    def __init__(self, config: TeacherConfig, state: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: OpenAITier | None = None, state: dict[str, Any] | None = None) -> None:
         self._config = config
         self.spend = Spend()
         if state is not None:
@@ -43,11 +43,13 @@ class Ledger:
 
     def exhausted(self) -> str | None:
         """Why the budget is spent, or None while calls may still be paid for."""
+        if self._config is None:
+            return None
         used_tokens = self.spend.prompt_tokens + self.spend.completion_tokens
         if self._config.budget_tokens is not None and used_tokens >= self._config.budget_tokens:
-            return f"{used_tokens} tokens used of teacher.budget_tokens={self._config.budget_tokens}"
+            return f"{used_tokens} tokens used of budget_tokens={self._config.budget_tokens}"
         if self._config.budget_usd is not None and self.spend.cost_usd >= self._config.budget_usd:
-            return f"${self.spend.cost_usd:.4f} spent of teacher.budget_usd={self._config.budget_usd}"
+            return f"${self.spend.cost_usd:.4f} spent of budget_usd={self._config.budget_usd}"
         return None
 
     def check(self) -> None:
@@ -58,6 +60,8 @@ class Ledger:
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """The price in USD of a call with this usage."""
+        if self._config is None:
+            return 0.0
         return (prompt_tokens * self._config.price_per_prompt_token
                 + completion_tokens * self._config.price_per_completion_token)
 

@@ -1,11 +1,11 @@
 """The paper's one-shot data collection (`persd-online collect`): one training set per method.
 
 The base student (or a given adapter) attempts every task of the pool; each attempt runs in the sandbox;
-for the PERsD methods, failed attempts go to the configured teacher, whose refinements are verified in the
-sandbox (`teacher.refine_and_verify`, with `teacher.refine_rounds` extra rounds); examples are built by
+for the PERsD methods, failed attempts go down the configured teacher tiers (`cascade.py`; the `self` tier
+asks the same student, while it is up), whose refinements are verified in the sandbox; examples are built by
 `formats` exactly as the online loop builds them. The teacher's cache is the online run's
 (`<runs_dir>/<name>/teacher_cache` unless `cache_dir` is given), so a baseline and an online run of the same
-config and tasks do not pay twice; the token/cost budget is the config's.
+config and tasks do not pay twice; each tier's token/cost budget is the config's.
 
 Stages are separate functions so several methods can share one set of attempts (`attempt_pool`,
 `refine_failures`, `build_examples`); `collect` runs them for one method and writes the JSONL file plus
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from persd_online.budget import BudgetExhausted
+from persd_online.cascade import Cascade, build_cascade, local_generate
 from persd_online.config import Config
 from persd_online.engine import Sampling
 from persd_online.evaluator import score
@@ -29,7 +30,6 @@ from persd_online.formats import attempt_examples, stand_examples
 from persd_online.prompts import ChatTemplate
 from persd_online.records import Attempt, Example, Method, PromptFormat, Verdict
 from persd_online.tasks import Task, load_tasks
-from persd_online.teacher import Teacher, build_teacher, refine_and_verify
 from persd_online.verify import Executor, RefinementOutcome
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,8 @@ def attempt_pool(student: Any, executor: Executor, tasks: Sequence[Task], n: int
     return attempts, asyncio.run(score(executor, tasks, attempts))
 
 
-async def refine_failures(teacher: Teacher, executor: Executor, tasks: Sequence[Task], attempts: Sequence[Attempt],
-                          verdicts: Sequence[Verdict], extra_rounds: int) -> tuple[dict[str, RefinementOutcome],
-                                                                                   str | None]:
+async def refine_failures(teacher: Cascade, tasks: Sequence[Task], attempts: Sequence[Attempt],
+                          verdicts: Sequence[Verdict]) -> tuple[dict[str, RefinementOutcome], str | None]:
     """Verified refinements of every failed attempt (by attempt id), and why refinement stopped early, if it
     did (the budget ran out: the attempts refined so far keep their outcomes)."""
     by_id = {t.task_id: t for t in tasks}
@@ -66,8 +65,7 @@ async def refine_failures(teacher: Teacher, executor: Executor, tasks: Sequence[
         if stop:
             return
         try:
-            outcomes[attempt.attempt_id] = await refine_and_verify(teacher, executor, by_id[attempt.task_id],
-                                                                   attempt, verdict, extra_rounds)
+            outcomes[attempt.attempt_id] = await teacher.refine(by_id[attempt.task_id], attempt, verdict)
         except BudgetExhausted as exc:
             stop = f"teacher budget exhausted: {exc}"
 
@@ -119,7 +117,7 @@ def collect(config: Config, model_path: str | Path, method: Method, out: str | P
     verdicts: list[Verdict] = []
     outcomes: dict[str, RefinementOutcome] = {}
     stop = None
-    teacher: Teacher | None = None
+    teacher: Cascade | None = None
     if method != "stand":  # stand needs no student: every task's reference is its label
         student = offline.local_student(config.student, model_path, work_dir / "student")
         with offline.open_pool(config) as pool:
@@ -128,12 +126,13 @@ def collect(config: Config, model_path: str | Path, method: Method, out: str | P
                 version = offline.load_adapter(student, adapter)
                 attempts, verdicts = attempt_pool(student, executor, tasks, n or config.student.samples_per_task,
                                                   student.default_sampling(), version)
+                if method != "inpd":  # while the student is up: the `self` tier asks it
+                    cache = Path(cache_dir) if cache_dir else run_root / "teacher_cache"
+                    teacher = build_cascade(config.teacher, cache, executor,
+                                            local_generate(student, config.teacher, version), fmt)
+                    outcomes, stop = asyncio.run(refine_failures(teacher, tasks, attempts, verdicts))
             finally:
                 student.shutdown()
-            if method != "inpd":
-                teacher = build_teacher(config.teacher, Path(cache_dir) if cache_dir else run_root / "teacher_cache")
-                outcomes, stop = asyncio.run(refine_failures(teacher, executor, tasks, attempts, verdicts,
-                                                             config.teacher.refine_rounds))
     examples = build_examples(method, tasks, attempts, verdicts, outcomes, tokenizer, fmt)
     offline.write_examples(out, examples)
     stats = {

@@ -152,38 +152,110 @@ class StudentConfig(_ActorSection):
     resources: Resources = Field(default_factory=_resources(num_cpus=1.0, max_restarts=3))
 
 
-class TeacherConfig(_ActorSection):
-    """The teacher that refines failed attempts."""
+class _Tier(_Section):
+    """What every teacher tier has: a kind, a name, and the cascade's floor (`cascade.should_try`)."""
 
-    kind: Literal["reference_oracle", "openai"] = Field(
-        "reference_oracle",
-        description="reference_oracle: returns the task's reference solution (an oracle, not PERsD); "
-        "openai: any OpenAI-compatible endpoint.",
-    )
-    base_url: str | None = None
-    model: str | None = None
+    kind: str
+    name: str | None = Field(None, description="Names the tier in metrics and the summary (default: its kind; "
+                             "openai tiers: openai:<model>).")
+    min_verified_rate: float = Field(0.0, ge=0, le=1, description="Skip the tier while its verified rate is below "
+                                     "this after `warmup` tries (still trying every probe_every-th failure).")
+    warmup: int = Field(20, ge=0, description="Tries before the floor applies.")
+    probe_every: int = Field(10, ge=1, description="Below its floor, still try every N-th failure that reaches it.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+class SelfRepairTier(_Tier):
+    """`self`: the student repairs its own attempt from the execution feedback (persd_online.self_repair)."""
+
+    kind: Literal["self"] = "self"
+    samples: int = Field(2, ge=1, description="Repairs sampled per failed attempt; the first that passes is kept.")
+    temperature: float = Field(0.8, ge=0)
+    min_verified_rate: float = Field(0.05, ge=0, le=1, description="Skip self-repair while it fixes fewer than "
+                                     "this share of the failures it tries (it costs student time).")
+
+
+class ReferenceRepairTier(_Tier):
+    """`reference_repair`: the smallest verified edit of the attempt toward the task's reference
+    (persd_online.reference_repair); needs a reference, and is not an LLM teacher."""
+
+    kind: Literal["reference_repair"] = "reference_repair"
+    candidate_budget: int = Field(256, ge=1, description="Sandbox runs one refinement may spend on candidate "
+                                  "edits (the normalisations included); candidates that do not compile cost none.")
+    on_no_edit: Literal["reference", "next_tier"] = Field(
+        "reference", description="When no edit passes within the budget: reference: return the reference itself "
+        "(recorded personalised: false); next_tier: return nothing, so the cascade tries its next tier.")
+    batch: int = Field(32, ge=1, description="Candidates verified per sandbox batch (one gather of executor runs).")
+
+
+class OracleTier(_Tier):
+    """`reference_oracle`: the task's reference solution: an oracle (InpD), not PERsD."""
+
+    kind: Literal["reference_oracle"] = "reference_oracle"
+
+
+class OpenAITier(_Tier):
+    """`openai`: any OpenAI-compatible endpoint, asked to correct the student's own attempt."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str
+    model: str
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
     include_reference: bool = Field(False, description="Show the task's reference solution to the teacher.")
     refine_rounds: int = Field(1, ge=0, description="Extra rounds for a refinement that fails its tests.")
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(512, ge=1)
-    max_concurrency: int = Field(4, ge=1)
+    max_concurrency: int = Field(4, ge=1, description="Requests in flight to this endpoint.")
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0)
     backoff_initial_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
     price_per_prompt_token: float = Field(0.0, ge=0, description="USD per prompt token.")
     price_per_completion_token: float = Field(0.0, ge=0, description="USD per completion token.")
-    budget_tokens: int | None = Field(None, ge=0, description="Stop teacher calls after this many tokens.")
-    budget_usd: float | None = Field(None, ge=0, description="Stop teacher calls after this cost.")
+    budget_tokens: int | None = Field(None, ge=0, description="Stop this tier's calls after this many tokens.")
+    budget_usd: float | None = Field(None, ge=0, description="Stop this tier's calls after this cost.")
     cache: bool = Field(True, description="Content-addressed on-disk cache of requests and responses.")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"openai:{self.model}"
+
+
+Tier = Annotated[SelfRepairTier | ReferenceRepairTier | OpenAITier | OracleTier, Field(discriminator="kind")]
+
+
+class TeacherConfig(_ActorSection):
+    """The teacher: tiers tried in order for each failed attempt until one's refinement passes (cascade.py)."""
+
+    tiers: list[Tier] = Field(
+        default_factory=lambda: [SelfRepairTier(), ReferenceRepairTier()],
+        description="In order, cheapest first: self (the student repairs itself), reference_repair (smallest "
+        "verified edit toward the reference), openai (any number: cheap, then strong), reference_oracle (the "
+        "reference: InpD, not PERsD).")
+    max_concurrency: int = Field(4, ge=1, description="Failed attempts refined at once.")
     resources: Resources = Field(default_factory=_resources(num_cpus=0.1))
 
-    @model_validator(mode="after")
-    def _endpoint_named(self) -> TeacherConfig:
-        if self.kind == "openai" and not (self.base_url and self.model):
-            raise ValueError("teacher.kind 'openai' needs teacher.base_url and teacher.model")
-        return self
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_named_once(cls, tiers: list[Any]) -> list[Any]:
+        if not tiers:
+            raise ValueError("name at least one tier, e.g. [{kind: self}, {kind: reference_repair}]")
+        labels = [t.label for t in tiers]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"tiers {labels} name one tier twice: give each a distinct `name`")
+        return tiers
+
+    @property
+    def kinds(self) -> list[str]:
+        return [t.kind for t in self.tiers]
+
+    @property
+    def oracle_only(self) -> bool:
+        """Every tier answers with the reference itself: the run is InpD, not PERsD."""
+        return self.kinds == ["reference_oracle"]
 
 
 class SandboxConfig(_ActorSection):
@@ -456,6 +528,12 @@ def _commented(section: BaseModel, indent: int) -> list[str]:
             doc = (type(value).__doc__ or "").strip().splitlines()
             lines.append(f"{pad}{name}:" + (f"  # {doc[0]}" if doc else ""))
             lines.extend(_commented(value, indent + 1))
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            lines.append(f"{pad}{name}:{note}")
+            for item in value:  # a block sequence of sections, `- ` in place of the first key's indent
+                item_lines = _commented(item, indent + 2)
+                lines.append(f"{pad}  - " + item_lines[0].lstrip())
+                lines.extend(item_lines[1:])
         else:
             rendered = yaml.safe_dump(value if not isinstance(value, Path) else str(value),
                                       default_flow_style=True, width=1000).strip().removesuffix("...").strip()

@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 from ray.util.queue import Queue
 
+from persd_online.cascade import start_teacher_actor
 from persd_online.config import Config
 from persd_online.evaluator import EvaluatorActor, check_disjoint, describe_change
 from persd_online.executor import SandboxExecutor
@@ -28,7 +29,6 @@ from persd_online.run_dir import RunDir
 from persd_online.student import start_student, stop_student
 from persd_online.summary import RunSummary
 from persd_online.tasks import Task, load_tasks
-from persd_online.teacher import start_teacher_actor
 from persd_online.trainer import start_trainer
 from sandbox.ray_pool import SandboxActor
 
@@ -84,7 +84,8 @@ def _start_actors(config: Config, run: RunDir, heldout: dict[str, list[Task]],
         for _ in range(config.sandbox.num_actors)]
     executor = SandboxExecutor(sandbox, config.sandbox.timeout_s)
     student = start_student(config.student, model_path, run.root / "student")
-    teacher = start_teacher_actor(config.teacher, run.teacher_cache, executor, state.teacher if state else None)
+    teacher = start_teacher_actor(config.teacher, run.teacher_cache, executor, student, config.student.prompt_format,
+                                  state.teacher if state else None)
     examples = Queue(maxsize=2 * config.trainer.batch_examples * config.trainer.publish_every_steps)
     trainer = start_trainer(config, model_path, run.root, examples)
     evaluator = EvaluatorActor.options(**config.eval.resources.ray_options()).remote(
@@ -98,10 +99,10 @@ def _execute(config: Config, run: RunDir, state: LoopState | None) -> RunSummary
     connect(config)
     pool, heldout = _tasks(config)
     run.event("start", pool=config.tasks.pool, tasks=len(pool), heldout={k: len(v) for k, v in heldout.items()},
-              teacher=config.teacher.kind, resumed=state is not None)
-    if config.teacher.kind == "reference_oracle":
-        log.warning("teacher.kind=reference_oracle: refinements are the tasks' reference solutions. This run "
-                    "is an ORACLE baseline, not PERsD; set teacher.kind=openai with an endpoint for PERsD.")
+              teacher=config.teacher.kinds, resumed=state is not None)
+    if "reference_oracle" in config.teacher.kinds:
+        log.warning("teacher.tiers includes reference_oracle: its refinements are the tasks' reference solutions, "
+                    "an ORACLE baseline (InpD), not PERsD; the default tiers [self, reference_repair] personalise.")
     actors = _start_actors(config, run, heldout, state)
     try:
         loop = OnlineLoop(config, run, pool, actors, state, startup_s=time.monotonic() - started)
@@ -125,7 +126,7 @@ def describe(root: Path, s: RunSummary) -> str:
     trained = "n/a" if before is None else f"{before:.3f} -> {after:.3f}"
     return (f"run {root} stopped: {s.stop_reason}\n"
             f"  {s.attempts} attempts ({s.attempts_passed} passed), "
-            f"{s.teacher_calls} teacher calls ({s.teacher['kind']}), "
+            f"{s.teacher_calls} teacher calls ({', '.join(s.teacher.get('order', [s.teacher.get('kind')]))}), "
             f"{s.refinements_verified} verified refinements ({s.examples_distinct} distinct labels), "
             f"{s.examples_trained} examples trained in {s.train_steps} steps\n"
             f"  adapters: {s.adapters_published} published, {s.adapters_loaded_by_student} "

@@ -32,8 +32,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +53,7 @@ OFFLINE_ARMS = ("stand", "inpd", "persd")
 SCORING_KEYS = {"model", "dtype", "max_model_len", "prompt_format", "stop_at_program_end", "stop_repetition"}
 ATTEMPT_KEYS = {"max_new_tokens", "temperature", "top_p", "samples_per_task", "tasks_per_batch", "max_loras"}
 ONLINE_ARMS = ("online", "online_uniform")
+TEACHER_ARMS = ("persd", *ONLINE_ARMS)
 
 
 class ArmResult(BaseModel):
@@ -95,9 +97,11 @@ def fingerprint(config: Config, arm: str) -> str:
                             "heldout": [c.experiment.heldout, c.experiment.heldout_limit]}
     if arm != "base":
         keys |= {"match": c.experiment.match, "budget": c.experiment.budget, "method": c.method,
-                 "trainer": c.trainer.model_dump(exclude={"cpu_cores", "resources"}),
-                 "teacher": c.teacher.model_dump(include={"kind", "model", "base_url", "include_reference",
-                                                           "refine_rounds", "temperature", "max_tokens"})}
+                 "trainer": c.trainer.model_dump(exclude={"cpu_cores", "resources"})}
+    if arm in TEACHER_ARMS:  # what makes a label: the tiers, not their names, floors or concurrency
+        keys["teacher"] = [t.model_dump(exclude={"name", "max_concurrency", "timeout_s", "max_retries", "cache",
+                                                 "backoff_initial_s", "backoff_max_s", "api_key_env"})
+                           for t in c.teacher.tiers]
     if arm in OFFLINE_ARMS:
         keys["epochs"] = c.experiment.epochs
     if arm in ONLINE_ARMS:
@@ -155,9 +159,9 @@ def _teacher_label(config: Config, arm: str) -> str:
         return "none"
     if arm in ("stand", "inpd"):
         return "reference solutions"
-    if config.teacher.kind == "reference_oracle":
+    if config.teacher.oracle_only:
         return "reference_oracle (InpD in all but name)"
-    return f"{config.teacher.kind}:{config.teacher.model}"
+    return " > ".join(t.label for t in config.teacher.tiers)
 
 
 def run_arm(config: Config, arm: str, work: Path, stage_file: Path) -> ArmResult:
@@ -237,13 +241,14 @@ def _attempt_labels(config: Config, arm: str, model_path: Path, work: Path, orde
     """Per failed task, in the seeded order: (its examples, the teacher calls spent on it, the teacher's
     cumulative spend). The base student's attempts are made once and shared by `inpd` and `persd`."""
     from persd_online import offline
+    from persd_online.cascade import build_cascade, local_generate
     from persd_online.collect import attempt_pool, build_examples, refine_failures
-    from persd_online.heldout import scoring_student
     from persd_online.records import Attempt, Verdict
-    from persd_online.teacher import build_teacher
 
     shared = work.parent / "base_attempts.json"
-    with offline.open_pool(config) as pool:
+    self_repair = arm != "inpd" and "self" in config.teacher.kinds  # the base student repairs its own attempts
+    with offline.open_pool(config) as pool, _base_student(config, model_path, work,
+                                                          self_repair or not shared.is_file()) as student:
         executor = offline.PoolExecutor(pool)
         if shared.is_file():
             data = json.loads(shared.read_text())
@@ -251,16 +256,14 @@ def _attempt_labels(config: Config, arm: str, model_path: Path, work: Path, orde
             verdicts = [Verdict.model_validate(v) for v in data["verdicts"]]
         else:
             stage(f"base student attempts {len(order)} pool tasks")
-            student, _ = scoring_student(config, model_path, None, work)  # version 0: the plain base weights
-            try:
-                attempts, verdicts = attempt_pool(student, executor, order, config.student.samples_per_task,
-                                                  student.default_sampling())
-            finally:
-                student.shutdown()
+            attempts, verdicts = attempt_pool(student, executor, order, config.student.samples_per_task,
+                                              student.default_sampling())
             atomic.write_text(shared, json.dumps({"attempts": [a.model_dump() for a in attempts],
                                                   "verdicts": [v.model_dump() for v in verdicts]}))
-        teacher = None if arm == "inpd" else build_teacher(
-            config.teacher, Path(config.runs_dir) / config.name / "teacher_cache")
+        generate = local_generate(student, config.teacher, None) if self_repair else None
+        teacher = None if arm == "inpd" else build_cascade(
+            config.teacher, Path(config.runs_dir) / config.name / "teacher_cache", executor, generate,
+            config.student.prompt_format)
         rows = []
         for task in order:
             mine = [(a, v) for a, v in zip(attempts, verdicts, strict=True) if a.task_id == task.task_id]
@@ -270,8 +273,8 @@ def _attempt_labels(config: Config, arm: str, model_path: Path, work: Path, orde
             if teacher is not None:
                 stage(f"teacher refines failed attempts ({len(rows)} tasks labelled)")
                 before = teacher.describe().get("calls", 0)
-                outcomes, _ = asyncio.run(refine_failures(teacher, executor, [task], [a for a, _ in mine],
-                                                          [v for _, v in mine], config.teacher.refine_rounds))
+                outcomes, _ = asyncio.run(refine_failures(teacher, [task], [a for a, _ in mine],
+                                                          [v for _, v in mine]))
                 calls = teacher.describe().get("calls", 0) - before
             else:
                 calls = 1  # one reference label
@@ -282,6 +285,21 @@ def _attempt_labels(config: Config, arm: str, model_path: Path, work: Path, orde
             if done >= config.experiment.budget:
                 break
     return rows
+
+
+@contextmanager
+def _base_student(config: Config, model_path: Path, work: Path, wanted: bool) -> Iterator[Any]:
+    """The base student (version 0: the plain base weights) while it is `wanted`, else None."""
+    from persd_online.heldout import scoring_student
+
+    if not wanted:
+        yield None
+        return
+    student, _ = scoring_student(config, model_path, None, work)
+    try:
+        yield student
+    finally:
+        student.shutdown()
 
 
 def _online_arm(config: Config, arm: str, work: Path, stage: Callable[[str], None]) -> tuple[dict[str, Any], Path]:

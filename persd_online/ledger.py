@@ -33,6 +33,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +42,10 @@ from persd_online.config import BudgetConfig, Config, CurriculumConfig
 from persd_online.curriculum import Curriculum, Pick
 from persd_online.labels import Labels
 from persd_online.metrics import COUNTERS
+from persd_online.personalisation import LabelDistance, label_distance
 from persd_online.records import Attempt, Example, Verdict
 from persd_online.staleness import StalenessGate
+from persd_online.tasks import Task
 from persd_online.verify import RefinementOutcome
 from persd_online.wall_budget import must_stop
 
@@ -78,6 +81,7 @@ class Ledger:
     starved: bool = False  # the trainer waits for examples to fill a step and none are on the way
     gate: StalenessGate = field(init=False)
     refining: Counter[str] = field(default_factory=Counter)  # failed attempts of a task awaiting the teacher
+    distances: list[LabelDistance] = field(default_factory=list)  # each verified label's, in arrival order
 
     def __post_init__(self) -> None:
         self.gate = StalenessGate(self.settings.max_staleness, self.settings.examples_per_version)
@@ -108,9 +112,11 @@ class Ledger:
             self.curriculum.release(task_id)
         return failures
 
-    def refined(self, task_id: str, outcome: RefinementOutcome, examples: list[Example]) -> list[Example]:
+    def refined(self, task: Task, attempt: Attempt, outcome: RefinementOutcome,
+                examples: list[Example]) -> list[Example]:
         """A failure's refinement came back with `examples` derived from it; returns those to hand to the
         trainer (all of them: a repeated label is trained again, but counted once)."""
+        task_id = task.task_id
         for r in outcome.rounds:
             ref = r.refinement
             self.counts["teacher_calls"] += 1
@@ -118,6 +124,9 @@ class Ledger:
             self.counts["teacher_tokens"] += ref.prompt_tokens + ref.completion_tokens
             self.counts["teacher_cost_usd"] += ref.cost_usd
         verified = outcome.verified is not None
+        if outcome.verified is not None:
+            self.distances.append(label_distance(outcome.verified.teacher_kind, outcome.verified.program,
+                                                 attempt.program, task.reference))
         new_labels = self.labels.add(examples)
         self.counts["examples_distinct"] += new_labels
         self.counts["refinements_verified"] += verified
@@ -138,7 +147,7 @@ class Ledger:
     def trainer_reported(self, stats: dict[str, Any], queued: int) -> None:
         """The trainer's own totals, and `queued` examples still in the queue to it (read before the stats: an
         example moving meanwhile counts twice, never zero times)."""
-        for name in ("examples_trained", "train_steps", "stale_dropped", "stale_replayed"):
+        for name in ("examples_trained", "train_steps", "stale_dropped", "stale_replayed", "duplicates_dropped"):
             self.counts[name] = stats[name]
         self.backlog = queued + stats.get("fresh_pending", 0)
         self.starved = queued == 0 and not stats.get("ready", True)
@@ -181,14 +190,17 @@ class Ledger:
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps (in-flight work is not kept: a resumed run admits afresh)."""
         return {"curriculum": self.curriculum.state(), "counts": dict(self.counts),
-                "trained_tasks": sorted(self.trained_tasks), "labels": self.labels.keys()}
+                "trained_tasks": sorted(self.trained_tasks), "labels": self.labels.keys(),
+                "distances": [dataclasses.astuple(d) for d in self.distances]}
 
     @classmethod
     def from_state(cls, settings: LedgerSettings, curriculum_config: CurriculumConfig,
                    state: dict[str, Any]) -> Ledger:
         curriculum = Curriculum.from_state(state["curriculum"], curriculum_config)
-        return cls(settings, curriculum, Labels(state["labels"]),
-                   dict.fromkeys(COUNTERS, 0.0) | state["counts"], set(state["trained_tasks"]))
+        ledger = cls(settings, curriculum, Labels(state["labels"]),
+                     dict.fromkeys(COUNTERS, 0.0) | state["counts"], set(state["trained_tasks"]))
+        ledger.distances = [LabelDistance(*d) for d in state["distances"]]
+        return ledger
 
     # --- internals ----------------------------------------------------------------------------------------
     def _release(self, attempts: int) -> None:

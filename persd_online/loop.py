@@ -42,6 +42,7 @@ from persd_online.evaluator import EvalResult, heldout_change, score
 from persd_online.formats import attempt_examples
 from persd_online.ledger import Ledger, LedgerSettings
 from persd_online.metrics import LoopMetrics, ProgressDisplay
+from persd_online.personalisation import summarise
 from persd_online.records import Attempt, Verdict
 from persd_online.run_dir import RunDir
 from persd_online.scheduler import ConcurrentScheduler, Scheduler
@@ -164,11 +165,13 @@ class OnlineLoop:
                 return
             for r in outcome.rounds:
                 self.run_dir.event("refinement", attempt_id=attempt.attempt_id, task_id=task.task_id,
-                                   round=r.refinement.round, teacher_call_id=r.refinement.teacher_call_id,
-                                   cached=r.refinement.cached, status=r.verdict.status, passed=r.verdict.passed)
+                                   round=r.refinement.round, tier=r.refinement.teacher_kind,
+                                   teacher_call_id=r.refinement.teacher_call_id, cached=r.refinement.cached,
+                                   personalised=r.refinement.personalised, status=r.verdict.status,
+                                   passed=r.verdict.passed)
             examples = attempt_examples(self.config.method, task, attempt, verdict, outcome, self.actors.tokenizer,
                                         self.config.student.prompt_format)
-            for example in self.ledger.refined(task.task_id, outcome, examples):
+            for example in self.ledger.refined(task, attempt, outcome, examples):
                 await self.actors.examples.put_async(example, timeout=None)
                 self.run_dir.event("example", example_id=example.example_id, task_id=task.task_id,
                                    method=example.method, version=example.adapter_version)
@@ -374,10 +377,12 @@ class OnlineLoop:
             attempts=c["attempts"], attempts_passed=c["attempts_passed"], teacher_calls=c["teacher_calls"],
             refinements_verified=c["refinements_verified"], examples_trained=c["examples_trained"],
             examples_distinct=c["examples_distinct"], train_steps=c["train_steps"], stale_dropped=c["stale_dropped"],
-            stale_replayed=c["stale_replayed"],
+            stale_replayed=c["stale_replayed"], duplicates_dropped=c["duplicates_dropped"],
+            examples_pending=self.ledger.backlog,
             heldout_pass1=[(e["adapter_version"], e["pass1"]) for e in self.evals
                            if e["task_set"] == self.config.eval.tasks[0]],
             heldout=self.evals, heldout_change=heldout_change(self.evals),
             trained_tasks=len(self.ledger.trained_tasks), trained_task_pass_before=before,
             trained_task_pass_after=after, stage_busy_fraction=self.metrics.busy_fractions(),
-            wall_s=round(self._wall(), 1), curriculum=self.ledger.curriculum.counts(), teacher=teacher)
+            wall_s=round(self._wall(), 1), curriculum=self.ledger.curriculum.counts(), teacher=teacher,
+            personalisation=summarise(self.ledger.distances))

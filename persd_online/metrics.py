@@ -33,6 +33,7 @@ COUNTERS: dict[str, str] = {
     "examples_distinct": "Distinct labels (task, program) sent to the trainer",
     "stale_dropped": "Examples dropped for exceeding max_staleness (trainer.stale_labels: drop)",
     "stale_replayed": "Verified labels past max_staleness sent to the replay buffer instead",
+    "duplicates_dropped": "Examples the trainer had trained already, dropped on arrival",
     "train_steps": "Optimizer steps",
     "adapters_published": "Adapter versions published by the trainer",
     "adapters_loaded": "Adapter versions loaded by the student",

@@ -62,6 +62,8 @@ class Refinement(_Record):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     cached: bool = False
+    personalised: bool | None = Field(None, description="None: unknown (an LLM teacher); True: a verified "
+                                      "edit of the student's own attempt; False: the reference as a fallback.")
 
 
 class Example(_Record):

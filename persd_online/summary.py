@@ -35,6 +35,10 @@ class RunSummary(BaseModel):
     train_steps: int
     stale_dropped: int
     stale_replayed: int = Field(description="Verified labels past max_staleness kept for replay, not dropped.")
+    duplicates_dropped: int = Field(description="Examples the trainer had trained already.")
+    examples_pending: int = Field(description="Examples handed to the trainer and not yet trained at the end "
+                                  "(kept in its checkpoint). Every example handed over is trained, replayed, "
+                                  "pending or dropped (stale or duplicate), and counted once.")
     heldout_pass1: list[tuple[int, float]] = Field(description="(version, pass@1) on the first held-out set.")
     heldout: list[dict[str, Any]] = Field(description="Every evaluation event, per-task outcomes included.")
     heldout_change: dict[str, dict[str, Any]] = Field(
@@ -45,7 +49,11 @@ class RunSummary(BaseModel):
     stage_busy_fraction: dict[str, float]
     wall_s: float
     curriculum: dict[str, int]
-    teacher: dict[str, Any] = Field(description="The teacher's own description: kind, calls, tokens, cost.")
+    teacher: dict[str, Any] = Field(description="The teacher cascade: its order, totals, and per tier: failures "
+                                    "offered, tried, skipped, calls, verified labels, tokens, cost.")
+    personalisation: dict[str, Any] = Field(
+        description="Verified labels per tier, the median edit ratio (changed lines / attempt lines) of the labels "
+        "and of the tasks' references from the same attempts, and the share of labels closer than the reference.")
 
     def write(self, path: Path) -> None:
         atomic.write_text(path, self.model_dump_json(indent=2))

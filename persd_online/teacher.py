@@ -1,19 +1,19 @@
 """The teacher: PERsD refinements of the student's own failed attempts, kept only if they pass the tests.
 
-Two teachers implement `Teacher`. `OpenAITeacher` sends the task, the student's wrong code and its
-execution feedback to any OpenAI-compatible endpoint and asks for the corrected code closest to the
-student's (`prompts.teacher_refinement_messages`). `ReferenceOracle` (`teacher.kind: reference_oracle`,
-for runs without an endpoint) answers with the task's reference solution: an oracle baseline, not PERsD.
-`refine_and_verify` runs up to 1 + `teacher.refine_rounds` rounds through an `Executor`, and
-`TeacherActor` hosts a teacher and an executor as one Ray actor.
+A teacher tier implements `Teacher` (`cascade.py` tries the configured tiers in order). Here are the two
+that need no student: `OpenAITeacher` sends the task, the student's wrong code and its execution feedback to
+any OpenAI-compatible endpoint and asks for the corrected code closest to the student's
+(`prompts.teacher_refinement_messages`); `ReferenceOracle` (`kind: reference_oracle`) answers with the task's
+reference solution: an oracle baseline (InpD), not PERsD. `refine_and_verify` runs up to 1 + `refine_rounds`
+rounds of one teacher through an `Executor`.
 
 Failures are distinct so the loop can react to each:
 - `TeacherConfigError`: the endpoint rejects the configuration (bad key, unknown model, bad request): stop;
 - `TeacherUnavailable`: transient failures (429, 5xx, timeouts, dropped connections) outlasted
   `max_retries`: pause refinement and retry later;
-- `budget.BudgetExhausted`: the token or cost budget is spent: stop refining.
+- `budget.BudgetExhausted`: the tier's token or cost budget is spent: the cascade stops using that tier.
 
-Invariants: the API key is read from the environment variable named by `teacher.api_key_env` and is
+Invariants: the API key is read from the environment variable named by the tier's `api_key_env` and is
 never logged or stored; the openai client makes no retries of its own (ours are the only ones); at most
 `max_concurrency` requests are in flight; with a cache, an identical request is paid for at most once,
 also when identical requests arrive concurrently.
@@ -25,16 +25,13 @@ import asyncio
 import logging
 import os
 import random
-from pathlib import Path
 from typing import Any, Protocol
 
-import ray
 from openai import APIConnectionError, APIStatusError, AsyncOpenAI
 from openai.types.chat import ChatCompletion
-from ray.actor import ActorHandle
 
-from persd_online.budget import Ledger
-from persd_online.config import TeacherConfig
+from persd_online.budget import TeacherBudget
+from persd_online.config import OpenAITier, OracleTier
 from persd_online.prompts import extract_program, teacher_refinement_messages
 from persd_online.records import Attempt, Refinement, Verdict
 from persd_online.tasks import Task
@@ -48,8 +45,8 @@ _RETRYABLE_STATUS = frozenset({408, 409, 429})  # plus every 5xx
 _HINTS = {
     401: "set ${env} to a key this endpoint accepts (it is read from the environment, never from config)",
     403: "the key is valid but lacks access to this model: check the account's permissions",
-    404: "check teacher.model against the models the server serves (GET <base_url>/models) and that "
-         "teacher.base_url ends in /v1",
+    404: "check the tier's model against the models the server serves (GET <base_url>/models) and that "
+         "its base_url ends in /v1",
 }
 _DEFAULT_HINT = ("the server rejected the request: check teacher.max_tokens and teacher.temperature "
                  "against the model's limits")
@@ -82,8 +79,8 @@ class Teacher(Protocol):
         ...
 
 
-def _refinement(task: Task, attempt_id: str, round_no: int, kind: str, call_id: str, program: str,
-                **usage: Any) -> Refinement:
+def refinement_record(task: Task, attempt_id: str, round_no: int, kind: str, call_id: str, program: str,
+                      **usage: Any) -> Refinement:
     """A refinement record whose id is derived from its lineage (the same call for the same round)."""
     refinement_id = content_address({"attempt_id": attempt_id, "round": round_no, "teacher_call_id": call_id})
     return Refinement(refinement_id=refinement_id[:32], attempt_id=attempt_id, task_id=task.task_id,
@@ -95,13 +92,11 @@ class OpenAITeacher:
 
     kind = "openai"
 
-    def __init__(self, config: TeacherConfig, cache: TeacherCache | None,
+    def __init__(self, config: OpenAITier, cache: TeacherCache | None,
                  state: dict[str, Any] | None = None) -> None:
-        if not (config.base_url and config.model):
-            raise ValueError("OpenAITeacher needs teacher.base_url and teacher.model")
         self._config = config
         self._cache = cache
-        self._ledger = Ledger(config, state)
+        self._ledger = TeacherBudget(config, state)
         api_key = os.environ.get(config.api_key_env)
         self._key_set = bool(api_key)
         if not self._key_set:
@@ -130,7 +125,7 @@ class OpenAITeacher:
         call_id, response, cached = await self._complete(request)
         usage = {"prompt_tokens": 0, "completion_tokens": 0} if cached else response["usage"]
         prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-        return _refinement(task, attempt_id, round_no, self.kind, call_id,
+        return refinement_record(task, attempt_id, round_no, self.kind, call_id,
                            extract_program(task, response["content"], "chat"),
                            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                            cost_usd=self._ledger.cost(prompt_tokens, completion_tokens), cached=cached)
@@ -178,7 +173,7 @@ class OpenAITeacher:
             if usage is None and not self._usage_missing_logged:
                 self._usage_missing_logged = True
                 log.warning("the teacher endpoint reports no token usage: tokens and cost count as 0, "
-                            "so teacher.budget_tokens/budget_usd cannot stop calls")
+                            "so the tier's budget_tokens/budget_usd cannot stop calls")
             tokens = {"prompt_tokens": usage.prompt_tokens if usage else 0,
                       "completion_tokens": usage.completion_tokens if usage else 0}
             self._ledger.charge(**tokens)
@@ -248,9 +243,9 @@ class ReferenceOracle:
 
     kind = "reference_oracle"
 
-    def __init__(self, config: TeacherConfig, state: dict[str, Any] | None = None) -> None:
-        self._ledger = Ledger(config, state)
-        log.warning("teacher.kind=reference_oracle: refinements are the tasks' reference solutions, not "
+    def __init__(self, config: OracleTier, state: dict[str, Any] | None = None) -> None:
+        self._ledger = TeacherBudget(None, state)
+        log.warning("teacher tier reference_oracle: refinements are the tasks' reference solutions, not "
                     "corrections of the student's own code. This is an ORACLE baseline, NOT PERsD.")
 
     async def propose(self, task: Task, attempt_id: str, program: str, feedback: str,
@@ -262,7 +257,7 @@ class ReferenceOracle:
         self._ledger.charge(0, 0)
         answer = {"teacher": self.kind, "task_id": task.task_id, "reference": task.reference}
         call_id = content_address(answer)
-        return _refinement(task, attempt_id, round_no, self.kind, call_id, task.reference)
+        return refinement_record(task, attempt_id, round_no, self.kind, call_id, task.reference)
 
     def describe(self) -> dict[str, Any]:
         """Kind, what it returns, and its call count."""
@@ -272,16 +267,6 @@ class ReferenceOracle:
     def state(self) -> dict[str, Any]:
         """The call counters, for a checkpoint."""
         return self._ledger.state()
-
-
-def build_teacher(config: TeacherConfig, cache_dir: str | Path | None,
-                  state: dict[str, Any] | None = None) -> Teacher:
-    """The teacher `config.kind` names; `cache_dir` (owned by the caller) holds the request cache."""
-    if config.kind == "reference_oracle":
-        return ReferenceOracle(config, state)
-    if config.cache and cache_dir is None:
-        raise ValueError("teacher.cache is on: pass the cache directory (e.g. <run_dir>/teacher_cache)")
-    return OpenAITeacher(config, TeacherCache(cache_dir) if config.cache else None, state)
 
 
 async def refine_and_verify(teacher: Teacher, executor: Executor, task: Task, attempt: Attempt,
@@ -306,33 +291,3 @@ async def refine_and_verify(teacher: Teacher, executor: Executor, task: Task, at
             break
         program, feedback = refinement.program, check.feedback
     return RefinementOutcome(attempt_id=attempt.attempt_id, task_id=task.task_id, rounds=rounds)
-
-
-class TeacherActor:
-    """A teacher and its executor in one Ray actor; start it with `start_teacher_actor`."""
-
-    def __init__(self, config: TeacherConfig, cache_dir: str | Path | None, executor: Executor,
-                 state: dict[str, Any] | None = None) -> None:
-        self._teacher = build_teacher(config, cache_dir, state)
-        self._executor = executor
-        self._extra_rounds = config.refine_rounds
-
-    async def refine(self, task: Task, attempt: Attempt, verdict: Verdict) -> RefinementOutcome:
-        """All verified refinement rounds for one failed attempt (see `refine_and_verify`)."""
-        return await refine_and_verify(self._teacher, self._executor, task, attempt, verdict,
-                                       self._extra_rounds)
-
-    def describe(self) -> dict[str, Any]:
-        """The teacher's kind, model and spend."""
-        return self._teacher.describe()
-
-    def state(self) -> dict[str, Any]:
-        """The teacher's spend counters, for a checkpoint."""
-        return self._teacher.state()
-
-
-def start_teacher_actor(config: TeacherConfig, cache_dir: str | Path | None, executor: Executor,
-                        state: dict[str, Any] | None = None) -> ActorHandle:
-    """A `TeacherActor` on the current Ray cluster; `executor` must be picklable (e.g. hold actor handles)."""
-    actor = ray.remote(TeacherActor).options(**config.resources.ray_options())
-    return actor.remote(config, cache_dir, executor, state)

@@ -15,12 +15,12 @@ import json
 import pytest
 
 from persd_online import adapters
+from persd_online.cascade import build_cascade
 from persd_online.collect import attempt_pool, build_examples, collect, pool_tasks, refine_failures
 from persd_online.config import load_config
 from persd_online.offline import PoolExecutor, local_student, open_pool, read_examples, train_offline
 from persd_online.prompts import target_text
 from persd_online.records import Attempt, Example
-from persd_online.teacher import build_teacher
 from tests.openai_stub_server import Reply, StubOpenAIServer
 
 POOL = 3
@@ -45,8 +45,8 @@ def config_for(tmp_path, base_url: str = "http://127.0.0.1:9/v1"):
     return load_config(None, [
         f"runs_dir={tmp_path}", "name=baselines", "tasks.pool=mbpp:train", f"tasks.limit={POOL}",
         "student.max_new_tokens=64", "student.max_model_len=1024", "student.cpu_kvcache_gib=1",
-        "teacher.kind=openai", f"teacher.base_url={base_url}", "teacher.model=stub-teacher",
-        "teacher.refine_rounds=0", "teacher.max_retries=0", "trainer.cpu_cores=null",
+        f"teacher.tiers=[{{kind: openai, base_url: '{base_url}', model: stub-teacher, refine_rounds: 0, "
+        "max_retries: 0}]", "trainer.cpu_cores=null",
     ])
 
 
@@ -71,11 +71,11 @@ def collected(student_model, tmp_path_factory):
         [passing_verdict] = asyncio.run(_score(executor, tasks, passing))
         verdicts = [*verdicts, passing_verdict]
         cache = tmp / "teacher_cache"
-        outcomes, stop = asyncio.run(refine_failures(build_teacher(config.teacher, cache), executor, tasks,
-                                                     attempts, verdicts, 0))
+        outcomes, stop = asyncio.run(refine_failures(build_cascade(config.teacher, cache, executor), tasks,
+                                                     attempts, verdicts))
         paid = len(server.requests)
-        again, _ = asyncio.run(refine_failures(build_teacher(config.teacher, cache), executor, tasks, attempts,
-                                               verdicts, 0))
+        again, _ = asyncio.run(refine_failures(build_cascade(config.teacher, cache, executor), tasks, attempts,
+                                               verdicts))
         repaid = len(server.requests) - paid
     from transformers import AutoTokenizer
 

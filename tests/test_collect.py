@@ -10,11 +10,12 @@ import pytest
 
 from persd_online import adapters
 from persd_online.budget import BudgetExhausted
+from persd_online.cascade import Cascade, Tier
 from persd_online.collect import build_examples, refine_failures
 from persd_online.offline import read_examples, resolve_adapter
 from persd_online.records import Attempt, Verdict
 from persd_online.tasks import Task
-from persd_online.teacher import _refinement
+from persd_online.teacher import refinement_record
 
 TASK = Task(task_id="t", prompt="Return a plus b.", entry_point="add", tests=["assert add(1, 2) == 3"],
             reference="def add(a, b):\n    return a + b\n")
@@ -44,7 +45,7 @@ class OneCallTeacher:
         self.calls += 1
         if self.calls > 1:
             raise BudgetExhausted("budget_tokens reached")
-        return _refinement(task, attempt_id, round_no, self.kind, "call-1", task.reference)
+        return refinement_record(task, attempt_id, round_no, self.kind, "call-1", task.reference)
 
 
 class PassIfReference:
@@ -57,8 +58,8 @@ class PassIfReference:
 def test_a_spent_budget_stops_refinement_and_keeps_what_was_refined():
     pairs = [attempt(i) for i in range(3)]
     attempts, verdicts = [p[0] for p in pairs], [p[1] for p in pairs]
-    outcomes, stop = asyncio.run(refine_failures(OneCallTeacher(), PassIfReference(), [TASK], attempts, verdicts,
-                                                 0))
+    cascade = Cascade([Tier("test", OneCallTeacher())], PassIfReference())
+    outcomes, stop = asyncio.run(refine_failures(cascade, [TASK], attempts, verdicts))
     assert stop and "budget" in stop
     assert len(outcomes) == 1 and next(iter(outcomes.values())).verified is not None
     persd = build_examples("persd", [TASK], attempts, verdicts, outcomes, Template(), "chat")

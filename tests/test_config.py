@@ -30,15 +30,18 @@ def test_shipped_default_file_is_the_embedded_defaults():
 
 def test_cluster_example_validates():
     config = load_config(CONFIGS / "cluster-gpu.yaml")
-    assert config.teacher.kind == "openai" and config.student.resources.num_gpus == 1
+    assert config.teacher.kinds == ["self", "reference_repair", "openai"] and config.student.resources.num_gpus == 1
+    assert config.teacher.tiers[2].label == "openai:gpt-4o-mini"
     assert config.trainer.dtype == "bfloat16" and config.eval.limit is None
 
 
 def test_overrides_parse_yaml_values():
-    config = load_config(None, ["trainer.lr=1e-4", "eval.tasks=[mbpp:test, humaneval]", "teacher.cache=false",
-                                "trainer.lora.r=8"])
+    config = load_config(None, ["trainer.lr=1e-4", "eval.tasks=[mbpp:test, humaneval]", "trainer.lora.r=8",
+                                "teacher.tiers=[{kind: reference_repair}, {kind: openai, base_url: 'http://h/v1', "
+                                "model: m, cache: false}]"])
     assert config.trainer.lr == 1e-4 and config.eval.tasks == ["mbpp:test", "humaneval"]
-    assert config.teacher.cache is False and config.trainer.lora.r == 8
+    assert config.teacher.tiers[1].cache is False and config.trainer.lora.r == 8
+    assert [t.label for t in config.teacher.tiers] == ["reference_repair", "openai:m"]
 
 
 BAD_CORE_LISTS = [  # what is wrong, where, and how to write it
@@ -66,7 +69,10 @@ BAD_RESOURCES = [
     (["trainer.bogus=1"], "trainer.bogus: unknown key"),
     (["student.max_loras=1"], "student.max_loras (1) must be at least max_staleness + 1 (2)"),
     (["trainer.lora.r=32"], "student.max_lora_rank (16) is below trainer.lora.r (32)"),
-    (["teacher.kind=openai"], "teacher.kind 'openai' needs teacher.base_url and teacher.model"),
+    (["teacher.tiers=[{kind: openai}]"], "teacher.tiers.0.openai.base_url: Field required"),
+    (["teacher.tiers=[{kind: oracle}]"], "teacher.tiers.0: Input tag 'oracle' found using 'kind' does not match"),
+    (["teacher.tiers=[]"], "teacher.tiers: name at least one tier"),
+    (["teacher.tiers=[{kind: self}, {kind: self}]"], "name one tier twice"),
     (["student.prompt_format=xml"], "student.prompt_format: Input should be 'chat' or 'completion'"),
     (["trainer.lr=-1"], "trainer.lr: Input should be greater than 0"),
     (["trainer.lr"], "expected KEY.PATH=VALUE"),

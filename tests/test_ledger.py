@@ -12,6 +12,7 @@ from persd_online.curriculum import Curriculum
 from persd_online.ledger import Ledger, LedgerSettings
 from persd_online.records import Attempt, Example, Refinement, Verdict
 from persd_online.staleness import is_stale
+from persd_online.tasks import Task
 from persd_online.verify import RefinementOutcome, VerifiedRound
 
 
@@ -40,12 +41,15 @@ def _refine(ledger: Ledger, attempt: Attempt, verified=True, label="fix", cached
                                 rounds=[VerifiedRound(refinement=ref, verdict=verdict)])
     examples = [Example(example_id=f"e-{attempt.attempt_id}", method="persd", task_id=attempt.task_id, prompt="p",
                         completion=label, adapter_version=attempt.adapter_version)] if verified else []
-    return ledger.refined(attempt.task_id, outcome, examples)
+    task = Task(task_id=attempt.task_id, prompt="p", entry_point="f", tests=["assert f()"],
+                reference="def f():\n    return 1\n")
+    return ledger.refined(task, attempt, outcome, examples)
 
 
 def _stats(trained=0, steps=0, **more):
     """The trainer's report (`TrainerActor.stats`)."""
-    return {"examples_trained": trained, "train_steps": steps, "stale_dropped": 0, "stale_replayed": 0} | more
+    return {"examples_trained": trained, "train_steps": steps, "stale_dropped": 0, "stale_replayed": 0,
+            "duplicates_dropped": 0} | more
 
 
 def _cycle(ledger: Ledger, verified=True):
@@ -112,6 +116,18 @@ def test_repeated_labels_count_once_and_turn_the_curriculum_away():
     assert ledger.counts["examples_distinct"] == 1 and ledger.counts["refinements_verified"] == 2
     assert ledger.counts["teacher_calls"] == 2 and ledger.counts["teacher_tokens"] == 10
     assert ledger.curriculum.stats[attempts[0].task_id].teacher_repeats == 1
+
+
+def test_each_verified_label_records_its_distance_and_the_references():
+    ledger = _ledger(n_tasks=2, samples=1, per_batch=2, staleness=5, per_version=100)
+    attempts, verdicts = _attempts(ledger, ledger.admit())
+    attempts = [a.model_copy(update={"program": "def f():\n    return 2\n"}) for a in attempts]
+    close, far = ledger.scored(attempts, verdicts)
+    _refine(ledger, close[0], label="def f():\n    return 1\n")  # one line of two changed: 0.5, as the reference
+    _refine(ledger, far[0], verified=False)
+    assert [(d.tier, d.label_ratio, d.reference_ratio) for d in ledger.distances] == [("stub", 0.5, 0.5)]
+    again = Ledger.from_state(ledger.settings, ledger.curriculum.config, json.loads(json.dumps(ledger.state())))
+    assert again.distances == ledger.distances
 
 
 def test_stop_reasons():
@@ -198,9 +214,8 @@ class _Sim:
             self.fresh += 1
             if self.fresh == self.ledger.settings.examples_per_version:
                 self.fresh, self.version = 0, self.version + 1
-        self.ledger.trainer_reported({"examples_trained": self.trained, "train_steps": self.version,
-                                      "stale_dropped": self.stale, "stale_replayed": 0, "fresh_pending": self.fresh,
-                                      "ready": bool(self.queue)}, queued=len(self.queue))
+        self.ledger.trainer_reported(_stats(self.trained, self.version, stale_dropped=self.stale,
+                                            fresh_pending=self.fresh, ready=bool(self.queue)), queued=len(self.queue))
         self.ledger.published(self.version)
 
     def check(self) -> None:
@@ -221,9 +236,8 @@ class _Sim:
             if self.queue:
                 self.train_one()
         self.ledger.served(self.version)
-        self.ledger.trainer_reported({"examples_trained": self.trained, "train_steps": self.version,
-                                      "stale_dropped": self.stale, "stale_replayed": 0, "fresh_pending": self.fresh,
-                                      "ready": False}, queued=0)  # it waits for examples
+        self.ledger.trainer_reported(_stats(self.trained, self.version, stale_dropped=self.stale,
+                                            fresh_pending=self.fresh, ready=False), queued=0)  # it waits for examples
         self.check()
         return self.ledger.admit()
 

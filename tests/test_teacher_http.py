@@ -15,10 +15,11 @@ import pytest
 from openai_stub_server import ANSWER, Reply, StubOpenAIServer
 
 from persd_online.budget import BudgetExhausted
-from persd_online.config import TeacherConfig
+from persd_online.cascade import build_tier
+from persd_online.config import OpenAITier
 from persd_online.prompts import teacher_refinement_messages
 from persd_online.tasks import Task
-from persd_online.teacher import OpenAITeacher, TeacherConfigError, TeacherUnavailable, build_teacher
+from persd_online.teacher import OpenAITeacher, TeacherConfigError, TeacherUnavailable
 from persd_online.teacher_cache import TeacherCache, content_address
 
 KEY_ENV = "PERSD_TEST_TEACHER_KEY"
@@ -36,11 +37,11 @@ def server(monkeypatch):
         yield srv
 
 
-def config(server: StubOpenAIServer, **overrides) -> TeacherConfig:
+def config(server: StubOpenAIServer, **overrides) -> OpenAITier:
     """A fast-retrying teacher config for `server`."""
-    fields = dict(kind="openai", base_url=server.base_url, model=server.model, api_key_env=KEY_ENV,
+    fields = dict(base_url=server.base_url, model=server.model, api_key_env=KEY_ENV,
                   max_retries=3, backoff_initial_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
-    return TeacherConfig(**(fields | overrides))
+    return OpenAITier(**(fields | overrides))
 
 
 def propose(teacher: OpenAITeacher, program: str = WRONG, round_no: int = 1):
@@ -57,7 +58,7 @@ def test_refinement_request_extraction_and_accounting(server, tmp_path, caplog):
     cfg = config(server, price_per_prompt_token=0.001, price_per_completion_token=0.002)
 
     async def main():
-        teacher = build_teacher(cfg, tmp_path)
+        teacher = build_tier(cfg, tmp_path)
         return teacher, await propose(teacher)
 
     teacher, refinement = run(main)
@@ -128,10 +129,10 @@ def test_refused_connection_is_an_outage(tmp_path):
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = TeacherConfig(kind="openai", base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=1,
-                        backoff_initial_s=0.01, cache=False)
+    cfg = OpenAITier(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=1, backoff_initial_s=0.01,
+                     cache=False)
     with pytest.raises(TeacherUnavailable, match="APIConnectionError"):
-        run(lambda: propose(build_teacher(cfg, None)))
+        run(lambda: propose(build_tier(cfg, None)))
 
 
 def test_bad_key_is_an_early_config_error(server, monkeypatch):
@@ -149,7 +150,7 @@ def test_unknown_model_is_a_config_error(server):
     with pytest.raises(TeacherConfigError) as info:
         run(lambda: propose(OpenAITeacher(config(server, model="no-such-model"), None)))
     message = str(info.value)
-    for part in ("HTTP 404", "`no-such-model` does not exist", "teacher.model"):
+    for part in ("HTTP 404", "`no-such-model` does not exist", "the tier's model"):
         assert part in message
 
 
@@ -157,7 +158,7 @@ def test_repeated_run_is_served_from_the_cache(server, tmp_path):
     cfg = config(server, price_per_prompt_token=0.01)
 
     async def one_run():
-        teacher = build_teacher(cfg, tmp_path / "teacher_cache")  # a fresh teacher: a resumed run
+        teacher = build_tier(cfg, tmp_path / "teacher_cache")  # a fresh teacher: a resumed run
         return teacher, await propose(teacher)
 
     _, first = run(one_run)
@@ -175,7 +176,7 @@ def test_identical_concurrent_requests_pay_once(server, tmp_path):
     server.default = Reply(delay_s=0.2)
 
     async def main():
-        teacher = build_teacher(config(server), tmp_path)
+        teacher = build_tier(config(server), tmp_path)
         return await asyncio.gather(propose(teacher), propose(teacher))
 
     results = run(main)
@@ -184,10 +185,10 @@ def test_identical_concurrent_requests_pay_once(server, tmp_path):
 
 
 def test_damaged_cache_entry_is_a_miss_and_is_rewritten(server, tmp_path):
-    first = run(lambda: propose(build_teacher(config(server), tmp_path)))
+    first = run(lambda: propose(build_tier(config(server), tmp_path)))
     path = TeacherCache(tmp_path).path(first.teacher_call_id)
     path.write_text("{truncated")
-    again = run(lambda: propose(build_teacher(config(server), tmp_path)))
+    again = run(lambda: propose(build_tier(config(server), tmp_path)))
     assert len(server.requests) == 2 and not again.cached
     assert json.loads(path.read_text())["key"] == first.teacher_call_id
 
@@ -198,7 +199,7 @@ def test_budget_stops_paid_calls_but_not_cache_hits(server, tmp_path, limit):
     cfg = config(server, price_per_prompt_token=0.01, price_per_completion_token=0.01, **limit)
 
     async def main():
-        teacher = build_teacher(cfg, tmp_path)
+        teacher = build_tier(cfg, tmp_path)
         await propose(teacher, "def add(a, b):\n    return 1\n")
         await propose(teacher, "def add(a, b):\n    return 2\n")
         with pytest.raises(BudgetExhausted, match="teacher budget exhausted"):

@@ -17,15 +17,14 @@ import pytest
 import ray
 from openai_stub_server import Reply, StubOpenAIServer
 
-from persd_online.config import TeacherConfig
+from persd_online.cascade import build_tier, start_teacher_actor
+from persd_online.config import OpenAITier, OracleTier, TeacherConfig
 from persd_online.records import Attempt, Verdict
 from persd_online.tasks import Task
 from persd_online.teacher import (
     ReferenceOracle,
     TeacherConfigError,
-    build_teacher,
     refine_and_verify,
-    start_teacher_actor,
 )
 
 TASK = Task(task_id="t/add", prompt="Return the sum of a and b.", entry_point="add",
@@ -99,10 +98,10 @@ def attempt_and_verdict(program: str = WRONG) -> tuple[Attempt, Verdict]:
     return attempt, asyncio.run(SubprocessExecutor().run(TASK, program, attempt.attempt_id))
 
 
-def openai_config(server: StubOpenAIServer, **overrides) -> TeacherConfig:
-    fields = dict(kind="openai", base_url=server.base_url, model=server.model, api_key_env="PERSD_TEST_UNSET",
+def openai_config(server: StubOpenAIServer, **overrides) -> OpenAITier:
+    fields = dict(base_url=server.base_url, model=server.model, api_key_env="PERSD_TEST_UNSET",
                   backoff_initial_s=0.01, max_retries=1)
-    return TeacherConfig(**(fields | overrides))
+    return OpenAITier(**(fields | overrides))
 
 
 def test_executor_helper_reports_persd_feedback():
@@ -117,7 +116,7 @@ def test_failing_refinement_gets_another_round_with_its_new_feedback(tmp_path):
     attempt, verdict = attempt_and_verdict()
     with StubOpenAIServer() as server:
         server.script(Reply(content=fenced(STILL_WRONG)))  # round 1 fails, round 2 (default reply) passes
-        teacher = build_teacher(openai_config(server, refine_rounds=1), tmp_path)
+        teacher = build_tier(openai_config(server, refine_rounds=1), tmp_path)
         outcome = asyncio.run(refine_and_verify(teacher, SubprocessExecutor(), TASK, attempt, verdict, 1))
     first, second = outcome.rounds
     assert (first.refinement.round, first.verdict.passed) == (1, False)
@@ -132,7 +131,7 @@ def test_failing_refinement_gets_another_round_with_its_new_feedback(tmp_path):
 def test_no_label_when_every_round_fails(tmp_path):
     attempt, verdict = attempt_and_verdict()
     with StubOpenAIServer(default=Reply(content=fenced(STILL_WRONG))) as server:
-        teacher = build_teacher(openai_config(server), tmp_path)
+        teacher = build_tier(openai_config(server), tmp_path)
         outcome = asyncio.run(refine_and_verify(teacher, SubprocessExecutor(), TASK, attempt, verdict, 0))
     assert len(outcome.rounds) == 1 and outcome.verified is None
     assert len(server.requests) == 1
@@ -141,7 +140,7 @@ def test_no_label_when_every_round_fails(tmp_path):
 def test_only_failing_attempts_are_refined():
     attempt, _ = attempt_and_verdict()
     passed = Verdict(subject_id=attempt.attempt_id, status="passed", passed=True, feedback="", duration_s=0.1)
-    oracle = ReferenceOracle(TeacherConfig())
+    oracle = ReferenceOracle(OracleTier())
     with pytest.raises(ValueError, match="failing verdict"):
         asyncio.run(refine_and_verify(oracle, SubprocessExecutor(), TASK, attempt, passed, 1))
 
@@ -149,7 +148,7 @@ def test_only_failing_attempts_are_refined():
 def test_reference_oracle_is_loud_and_returns_the_reference(caplog):
     caplog.set_level(logging.WARNING, logger="persd_online.teacher")
     attempt, verdict = attempt_and_verdict()
-    oracle = build_teacher(TeacherConfig(kind="reference_oracle", refine_rounds=2), None)
+    oracle = build_tier(OracleTier())
     assert "ORACLE baseline, NOT PERsD" in caplog.text
     outcome = asyncio.run(refine_and_verify(oracle, SubprocessExecutor(), TASK, attempt, verdict, 2))
     assert len(outcome.rounds) == 1 and outcome.verified.program == TASK.reference
@@ -178,22 +177,26 @@ def ray_cluster():
 def test_teacher_runs_as_a_ray_actor(ray_cluster, tmp_path):
     attempt, verdict = attempt_and_verdict()
     with StubOpenAIServer() as server:
-        cfg = openai_config(server, price_per_completion_token=0.5)
+        cfg = TeacherConfig(tiers=[openai_config(server, price_per_completion_token=0.5)])
         actor = start_teacher_actor(cfg, tmp_path, SubprocessExecutor())
         outcome = ray.get(actor.refine.remote(TASK, attempt, verdict), timeout=60)
         again = ray.get(actor.refine.remote(TASK, attempt, verdict), timeout=60)
         summary = ray.get(actor.describe.remote(), timeout=30)
-        assert ray.get(actor.state.remote(), timeout=30)["cost_usd"] == summary["cost_usd"] == 2.5
+        state = ray.get(actor.state.remote(), timeout=30)
         ray.kill(actor)
         assert len(server.requests) == 1
+    label = f"openai:{server.model}"
+    assert state[label]["teacher"]["cost_usd"] == summary["cost_usd"] == 2.5
     assert outcome.verified.program == TASK.reference and again.verified.cached
-    assert (summary["calls"], summary["cache_hits"]) == (1, 1)
+    paid = summary["tiers"][label]["teacher"]
+    assert (paid["calls"], paid["cache_hits"]) == (1, 1) and summary["calls"] == 2  # two refinements, one paid
 
 
 def test_config_error_crosses_the_actor_boundary(ray_cluster, tmp_path):
     attempt, verdict = attempt_and_verdict()
     with StubOpenAIServer() as server:
-        actor = start_teacher_actor(openai_config(server, model="missing"), tmp_path, SubprocessExecutor())
+        cfg = TeacherConfig(tiers=[openai_config(server, model="missing")])
+        actor = start_teacher_actor(cfg, tmp_path, SubprocessExecutor())
         with pytest.raises(TeacherConfigError, match="HTTP 404"):
             ray.get(actor.refine.remote(TASK, attempt, verdict), timeout=60)
         ray.kill(actor)

@@ -14,9 +14,10 @@ import urllib.request
 
 import pytest
 
-from persd_online.config import TeacherConfig
+from persd_online.cascade import build_tier
+from persd_online.config import OpenAITier
 from persd_online.tasks import Task
-from persd_online.teacher import TeacherConfigError, build_teacher
+from persd_online.teacher import TeacherConfigError
 
 START_TIMEOUT_S = 300
 TASK = Task(task_id="t/add", prompt="Return the sum of a and b.", entry_point="add",
@@ -73,11 +74,11 @@ def vllm_server(student_model, tmp_path_factory):
 @pytest.mark.slow
 def test_teacher_against_a_real_vllm_server(vllm_server, tmp_path):
     base_url, model = vllm_server
-    cfg = TeacherConfig(kind="openai", base_url=base_url, model=model, max_tokens=96,
-                        api_key_env="PERSD_TEST_UNSET", price_per_completion_token=1e-6)
+    cfg = OpenAITier(base_url=base_url, model=model, max_tokens=96,
+                     api_key_env="PERSD_TEST_UNSET", price_per_completion_token=1e-6)
 
     async def one_run():
-        teacher = build_teacher(cfg, tmp_path)
+        teacher = build_tier(cfg, tmp_path)
         return teacher, await teacher.propose(TASK, "a-1", WRONG, FEEDBACK, 1)
 
     teacher, first = asyncio.run(one_run())
@@ -91,4 +92,4 @@ def test_teacher_against_a_real_vllm_server(vllm_server, tmp_path):
 
     unknown = cfg.model_copy(update={"model": "no-such-model"})
     with pytest.raises(TeacherConfigError, match="HTTP 404"):
-        asyncio.run(build_teacher(unknown, tmp_path).propose(TASK, "a-1", WRONG, FEEDBACK, 1))
+        asyncio.run(build_tier(unknown, tmp_path).propose(TASK, "a-1", WRONG, FEEDBACK, 1))
