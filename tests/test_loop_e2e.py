@@ -1,5 +1,6 @@
 """The whole online loop on the real stack: local Ray, the vLLM student (SmolLM2-135M on CPU), the sandbox
-pool, the teacher over HTTP against a real server on 127.0.0.1, and the peft trainer.
+pool, the teacher cascade [self, reference_repair, openai] (the last over HTTP against a real server on
+127.0.0.1), and the peft trainer.
 
 One run is shared by the module's tests. During it the teacher endpoint goes down for a while (HTTP 503)
 and comes back, and the student's process is killed once (Ray restarts it; the loop re-sends the latest
@@ -36,8 +37,11 @@ def e2e_overrides(runs_dir: Path, base_url: str) -> list[str]:
         f"runs_dir={runs_dir}", "name=e2e", f"tasks.pool={POOL}", f"tasks.limit={POOL_SIZE}",
         "eval.limit=2", "eval.max_new_tokens=64", "eval.every_versions=2",
         "student.max_new_tokens=256", "student.tasks_per_batch=6",
-        "teacher.kind=openai", f"teacher.base_url={base_url}", "teacher.model=stub-teacher",
-        "teacher.max_retries=1", "teacher.backoff_initial_s=0.2", "teacher.timeout_s=20",
+        # reference_repair with a small search budget leaves the attempts it cannot fix in a few runs to the
+        # openai tier, so labels come from both, and the endpoint's outage is met
+        "teacher.tiers=[{kind: self, samples: 2}, {kind: reference_repair, candidate_budget: 4, "
+        f"on_no_edit: next_tier}}, {{kind: openai, base_url: '{base_url}', model: stub-teacher, max_retries: 1, "
+        "backoff_initial_s: 0.2, timeout_s: 20}]",
         # 16 steps at a constant 1e-3: offline, 18 such steps on these tasks' six reference solutions took
         # greedy re-attempts from 1/6 to 6/6; 8 steps (two per version) were not always enough
         "trainer.lr=1e-3", "trainer.warmup_steps=0", "trainer.publish_every_steps=4",
@@ -126,7 +130,12 @@ def test_versions_are_published_and_served(run) -> None:
 
 def test_verified_refinements_become_trained_examples_within_staleness(run) -> None:
     root, summary, events, _ = run
-    assert summary["teacher"]["kind"] == "openai"
+    tiers = summary["teacher"]["tiers"]
+    assert summary["teacher"]["order"] == ["self", "reference_repair", "openai:stub-teacher"]
+    assert sum(t["verified"] for t in tiers.values()) == summary["refinements_verified"]
+    made = {tier for tier, n in summary["personalisation"]["by_tier"].items() if n}
+    assert len(made) >= 2, summary["personalisation"]  # labels from at least two tiers
+    assert tiers["self"]["tried"] > 0 and tiers["reference_repair"]["tried"] > 0
     assert summary["refinements_verified"] > 0 and summary["examples_trained"] > 0
     assert 0 < summary["examples_distinct"] <= summary["refinements_verified"]
     example_ids = {e["example_id"] for e in kinds(events, "example")}
@@ -137,6 +146,11 @@ def test_verified_refinements_become_trained_examples_within_staleness(run) -> N
         trained += meta["example_ids"]
     assert trained and set(trained) <= example_ids  # every trained example came from a verified refinement
     assert len(trained) == len(set(trained))  # none trained twice as fresh
+    # no verified label is lost: each one handed to the trainer is trained, kept for replay or pending
+    handed = len(kinds(events, "example"))
+    assert summary["stale_dropped"] == 0
+    assert handed == (summary["examples_trained"] + summary["stale_replayed"] + summary["duplicates_dropped"]
+                      + summary["examples_pending"]), summary
 
 
 def test_the_loop_closes_trained_tasks_improve(run) -> None:
