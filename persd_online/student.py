@@ -39,7 +39,7 @@ from persd_online import adapters
 from persd_online.config import StudentConfig
 from persd_online.engine import Generation, GenerationEngine, Sampling, engine_env
 from persd_online.prompts import Messages, attempt_prompt, extract_program, render, stop_sequences
-from persd_online.records import Attempt
+from persd_online.records import Attempt, Example
 from persd_online.tasks import Task
 from persd_online.token_caps import token_caps
 
@@ -159,6 +159,18 @@ class Student:
         c = self.config
         return Sampling(temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_new_tokens,
                         stop=stop_sequences(c.prompt_format) if c.stop_at_program_end else ())
+
+    def completion_logprobs(self, examples: Sequence[Example], version: int | None) -> list[float]:
+        """Each example's mean log-probability per completion token under `version` (None: the bare base
+        weights), teacher-forced, encoded as the trainer encodes it: how likely the student finds a label."""
+        fmt = self.config.prompt_format
+        means = []
+        for example in examples:
+            prompt = self.tokenizer(example.prompt, add_special_tokens=fmt == "completion").input_ids
+            completion = self.tokenizer(example.completion, add_special_tokens=False).input_ids
+            logprobs = self.engine.prompt_logprobs(prompt + completion, version)  # one per token after the first
+            means.append(sum(logprobs[-len(completion):]) / len(completion) if completion else 0.0)
+        return means
 
     def token_caps(self, tasks: Sequence[Task], factor: float | None, margin: int, max_new_tokens: int) -> list[int]:
         """Per-task generation caps from the tasks' reference lengths in this student's tokens (`token_caps`)."""

@@ -14,6 +14,7 @@ from persd_online.adapters import AdapterNotReadyError
 from persd_online.config import StudentConfig
 from persd_online.engine import Generation, Sampling, engine_env
 from persd_online.prompts import CHAT_STOP, COMPLETION_STOP, extract_program
+from persd_online.records import Example
 from persd_online.student import (
     DELIVERY_ATOL,
     AdapterDeliveryError,
@@ -191,3 +192,20 @@ def test_engine_env_sets_the_cpu_settings_only_for_an_in_process_cpu_engine(monk
     assert engine_env(StudentConfig(cpu_cores=[6, 0, 1, 2, 3]))["VLLM_CPU_OMP_THREADS_BIND"] == "0-3,6"
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     assert engine_env(StudentConfig.model_validate({"resources": {"num_gpus": 1}})) == {"RAY_AUTH_MODE": "token"}
+
+
+class PositionEngine(ScriptedEngine):
+    """Log-prob of each position: -(its index), so a mean over the last k positions is known."""
+
+    def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
+        return [-float(i) for i in range(1, len(token_ids))]
+
+
+def test_completion_logprobs_average_the_completion_tokens_only(student_model, work_dir):
+    student = make_student(student_model, work_dir, PositionEngine())
+    example = Example(example_id="e", method="persd", task_id="t", prompt="Write add.", completion="def add(a, b):")
+    prompt = len(student.tokenizer(example.prompt).input_ids)
+    completion = len(student.tokenizer(example.completion, add_special_tokens=False).input_ids)
+    [mean] = student.completion_logprobs([example], 0)
+    positions = range(prompt, prompt + completion)  # the completion's tokens: positions prompt .. end - 1
+    assert mean == pytest.approx(-sum(positions) / completion)
