@@ -324,6 +324,10 @@ class CurriculumConfig(_Section):
     retire_after_passes: int = Field(2, ge=1, description="Consecutive passes that retire a task.")
     recheck_prob: float = Field(0.05, ge=0, le=1, description="Chance to re-check a retired task.")
     park_after_teacher_failures: int = Field(2, ge=1, description="Unfixable refinements that park a task.")
+    free_label_usd: float = Field(0.001, gt=0, description="What a label from a free tier (self, reference_repair) "
+                                  "costs in dollars of compute: learning value is ranked per dollar, "
+                                  "value * free_label_usd / (free_label_usd + the task's expected teacher cost per "
+                                  "fix), so a task only a paid tier fixes ranks below one that self-repairs.")
     seed: int = 0
 
 

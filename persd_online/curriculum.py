@@ -18,8 +18,12 @@ pool's rate of new labels among re-fixes. A teacher that refines the student's o
 label almost every time (rate ~1: the term does not matter), while the reference oracle gives the same
 label every time (rate ~0: the curriculum moves on to tasks it has no label for, instead of re-picking a few
 tasks whose label it already trains on). Tasks attempted by an older adapter than the current one get a
-small bonus, since a re-attempt measures what training changed. The `uniform` policy picks active tasks at random, for
-comparison. Every pick carries its reason, which the loop writes to the events log.
+small bonus, since a re-attempt measures what training changed. The value is per teacher dollar: it is
+scaled by `free_label_usd / (free_label_usd + c)`, where `c` is the task's expected teacher cost per fix (what
+its refinements cost over its fixes, the pool's average as the prior), so with free tiers only the ranking
+is as above, and a task only a paid tier fixes ranks below one a free tier (self-repair, reference repair)
+fixes. The `uniform` policy picks active tasks at random, for comparison. Every pick carries its reason,
+which the loop writes to the events log.
 """
 
 from __future__ import annotations
@@ -45,12 +49,17 @@ class TaskStats:
     teacher_fixes: int = 0
     teacher_repeats: int = 0  # fixes whose label the trainer already had
     teacher_failures: int = 0
+    teacher_cost_usd: float = 0.0  # what all its refinements cost
     state: TaskState = "active"
 
     @property
     def refixes(self) -> int:
         """Fixes after the first (the first is always a new label)."""
         return max(self.teacher_fixes - 1, 0)
+
+    def cost_per_fix(self, pool: PoolRates) -> float:
+        """Expected teacher dollars per fix: its refinements' cost over its fixes, the pool's as the prior."""
+        return (self.teacher_cost_usd + PRIOR_STRENGTH * pool.cost) / (self.teacher_fixes + PRIOR_STRENGTH)
 
     def value(self, pool: PoolRates) -> tuple[float, float, float]:
         """Posterior means (p_fail, p_fix, p_new) with the pool's rates as the prior."""
@@ -71,6 +80,7 @@ class PoolRates:
     fail: float
     fix: float
     new: float
+    cost: float = 0.0  # teacher dollars per fix
 
 
 @dataclass(frozen=True)
@@ -104,11 +114,12 @@ class Curriculum:
         refixes = sum(t.refixes for t in s)
         repeats = sum(t.teacher_repeats for t in s)
         return PoolRates((fails + 1) / (attempts + 2), (fixes + 1) / (refined + 2),
-                         (refixes - repeats + 1) / (refixes + 1))
+                         (refixes - repeats + 1) / (refixes + 1), sum(t.teacher_cost_usd for t in s) / max(fixes, 1))
 
     def _value(self, stats: TaskStats, version: int, pool: PoolRates) -> tuple[float, str]:
         p_fail, p_fix, p_new = stats.value(pool)
-        value = p_fail * p_fix * p_new
+        free = self.config.free_label_usd
+        value = p_fail * p_fix * p_new * free / (free + stats.cost_per_fix(pool))
         if stats.attempts == 0:
             return value, "unseen"
         reason = f"learning value: student fails {p_fail:.2f}, teacher fixes {p_fix:.2f}, new label {p_new:.2f}"
@@ -155,10 +166,11 @@ class Curriculum:
             if stats.state == "retired":
                 stats.state = "active"
 
-    def record_teacher(self, task_id: str, verified: bool, new_label: bool = True) -> None:
-        """The outcome of refining a failed attempt (after all its rounds); `new_label`: a verified fix gave a
-        label the trainer had not had yet."""
+    def record_teacher(self, task_id: str, verified: bool, new_label: bool = True, cost_usd: float = 0.0) -> None:
+        """The outcome of refining a failed attempt (after all its rounds and tiers); `new_label`: a verified
+        fix gave a label the trainer had not had yet; `cost_usd`: what its teacher calls cost."""
         stats = self.stats[task_id]
+        stats.teacher_cost_usd += cost_usd
         if verified:
             stats.teacher_fixes += 1
             stats.teacher_repeats += stats.teacher_fixes > 1 and not new_label

@@ -130,7 +130,8 @@ class Ledger:
         new_labels = self.labels.add(examples)
         self.counts["examples_distinct"] += new_labels
         self.counts["refinements_verified"] += verified
-        self.curriculum.record_teacher(task_id, verified, new_label=new_labels > 0)
+        self.curriculum.record_teacher(task_id, verified, new_label=new_labels > 0,
+                                       cost_usd=sum(r.refinement.cost_usd for r in outcome.rounds))
         if not outcome.rounds:  # the teacher had nothing to offer: as unfixable as a failed round
             self.curriculum.record_teacher(task_id, False)
         if examples:
