@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +37,7 @@ from persd_online.config import Config, OpenAITier, ReferenceRepairTier, SelfRep
 from persd_online.experiment import seeded_order  # noqa: E402
 from persd_online.formats import attempt_examples  # noqa: E402
 from persd_online.models import prepare_model  # noqa: E402
-from persd_online.personalisation import edit_distance  # noqa: E402
+from persd_online.personalisation import label_distance, summarise  # noqa: E402
 from tests.openai_stub_server import StubOpenAIServer, reference_reply  # noqa: E402
 
 log = logging.getLogger("teacher_cascade")
@@ -79,7 +79,6 @@ def run_teacher(cascade: Cascade, tasks: list, attempts: list,
 def personalisation(student: Any, config: Config, tasks: list, attempts: list, verdicts: list,
                     outcomes: dict[str, Any]) -> dict[str, Any]:
     """Edit ratios and base-student log-probs of the reference_repair edits against the references."""
-    tokenizer = student.tokenizer
     fmt = config.student.prompt_format
     by_task = {t.task_id: t for t in tasks}
     rows = []
@@ -89,23 +88,19 @@ def personalisation(student: Any, config: Config, tasks: list, attempts: list, v
         if label is None or label.teacher_kind != "reference_repair" or not label.personalised:
             continue
         task = by_task[attempt.task_id]
-        [mine] = attempt_examples("persd", task, attempt, verdict, outcome, tokenizer, fmt)
-        [reference] = attempt_examples("inpd", task, attempt, verdict, None, tokenizer, fmt)
-        lp_label, lp_reference = student.completion_logprobs([mine, reference], 0)
-        rows.append({"task_id": task.task_id, "label_ratio": edit_distance(label.program, attempt.program).ratio,
-                     "reference_ratio": edit_distance(task.reference, attempt.program).ratio,
-                     "label_logprob": lp_label, "reference_logprob": lp_reference})
+        pair = [*attempt_examples("persd", task, attempt, verdict, outcome, student.tokenizer, fmt),
+                *attempt_examples("inpd", task, attempt, verdict, None, student.tokenizer, fmt)]
+        lp_label, lp_reference = student.completion_logprobs(pair, 0)
+        distance = label_distance(attempt.attempt_id, label.teacher_kind, label.program, attempt.program,
+                                  task.reference)
+        rows.append(dataclasses.replace(distance, label_logprob=lp_label, reference_logprob=lp_reference))
     per_task: dict[str, bool] = {}
-    for r in rows:  # a task counts once: the label more likely than the reference on its first personalised edit
-        per_task.setdefault(r["task_id"], r["label_logprob"] > r["reference_logprob"])
-    return {
-        "labels": len(rows), "tasks": len(per_task),
-        "median_label_edit_ratio": statistics.median(r["label_ratio"] for r in rows) if rows else None,
-        "median_reference_edit_ratio": statistics.median(r["reference_ratio"] for r in rows) if rows else None,
-        "median_logprob_gap": (statistics.median(r["label_logprob"] - r["reference_logprob"] for r in rows)
-                               if rows else None),
+    for attempt_id, row in ((r.attempt_id, r) for r in rows):  # a task counts once: its first personalised edit
+        per_task.setdefault(attempt_id.split("#")[0], row.label_logprob > row.reference_logprob)
+    return summarise(rows) | {
+        "tasks": len(per_task),
         "tasks_label_more_likely": round(sum(per_task.values()) / len(per_task), 4) if per_task else None,
-        "rows": rows,
+        "rows": [dataclasses.asdict(r) for r in rows],
     }
 
 

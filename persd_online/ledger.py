@@ -125,8 +125,8 @@ class Ledger:
             self.counts["teacher_cost_usd"] += ref.cost_usd
         verified = outcome.verified is not None
         if outcome.verified is not None:
-            self.distances.append(label_distance(outcome.verified.teacher_kind, outcome.verified.program,
-                                                 attempt.program, task.reference))
+            self.distances.append(label_distance(attempt.attempt_id, outcome.verified.teacher_kind,
+                                                 outcome.verified.program, attempt.program, task.reference))
         new_labels = self.labels.add(examples)
         self.counts["examples_distinct"] += new_labels
         self.counts["refinements_verified"] += verified
@@ -140,6 +140,14 @@ class Ledger:
             self.starved = False
         self._done_with(task_id)
         return examples
+
+    def likelihoods(self, attempt_id: str, label: float, reference: float) -> None:
+        """The mean token log-probs of the attempt's label and of its task's reference, measured under the
+        attempt's adapter version."""
+        for i, d in enumerate(self.distances):
+            if d.attempt_id == attempt_id:
+                self.distances[i] = dataclasses.replace(d, label_logprob=round(label, 4),
+                                                        reference_logprob=round(reference, 4))
 
     def dropped(self, task_id: str) -> None:
         """A failure left without refinement (the teacher's budget is spent)."""

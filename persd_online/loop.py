@@ -51,7 +51,7 @@ from persd_online.summary import RunSummary
 from persd_online.tasks import Task
 from persd_online.teacher import TeacherUnavailable
 from persd_online.trainer import fresh_per_version
-from persd_online.verify import Executor
+from persd_online.verify import Executor, RefinementOutcome
 from persd_online.wall_budget import last_full_eval, reserve_s
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class OnlineLoop:
         self.wall_offset = (state.wall_s if state else 0.0) + startup_s  # the run's clock includes its start-up
         # unbounded on purpose: the ledger's admission bounds it (no more failures than attempts in flight)
         self.refine_queue: asyncio.Queue[tuple[Attempt, Verdict]] = asyncio.Queue()
+        self.fmt = config.student.prompt_format
         self.refining = asyncio.Event()  # cleared while the teacher is out
         self.refining.set()
         self.stop = asyncio.Event()
@@ -170,11 +171,13 @@ class OnlineLoop:
                                    personalised=r.refinement.personalised, status=r.verdict.status,
                                    passed=r.verdict.passed)
             examples = attempt_examples(self.config.method, task, attempt, verdict, outcome, self.actors.tokenizer,
-                                        self.config.student.prompt_format)
+                                        self.fmt)
             for example in self.ledger.refined(task, attempt, outcome, examples):
                 await self.actors.examples.put_async(example, timeout=None)
                 self.run_dir.event("example", example_id=example.example_id, task_id=task.task_id,
                                    method=example.method, version=example.adapter_version)
+            if outcome.verified is not None and task.reference is not None:
+                await self._measure_likelihoods(task, attempt, verdict, outcome)
 
     async def _watch_versions(self) -> None:
         while not self.stop.is_set():
@@ -239,6 +242,19 @@ class OnlineLoop:
         every = self.config.eval.every_versions
         if every and version % every == 0 and not self.stop.is_set():
             await self._evaluate(version, full=False)  # once stopped, the wrap-up evaluates the final version
+
+    async def _measure_likelihoods(self, task: Task, attempt: Attempt, verdict: Verdict,
+                                   outcome: RefinementOutcome) -> None:
+        """How likely the attempt's own adapter finds its label and the task's reference (personalisation);
+        skipped when the student no longer holds that version or is restarting."""
+        pair = [*attempt_examples("persd", task, attempt, verdict, outcome, self.actors.tokenizer, self.fmt),
+                *attempt_examples("inpd", task, attempt, verdict, None, self.actors.tokenizer, self.fmt)]
+        try:
+            async with self.scheduler.turn("student"):
+                label, reference = await self.actors.student.completion_logprobs.remote(pair, attempt.adapter_version)
+        except (VersionNotLoadedError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            return
+        self.ledger.likelihoods(attempt.attempt_id, label, reference)
 
     async def _pause_refinement(self, why: str, seconds: float) -> None:
         log.warning("teacher unavailable (%s); pausing refinement for %.0f s", why, seconds)

@@ -86,23 +86,28 @@ def edit_distance(label: str, attempt: str) -> EditDistance:
 class LabelDistance:
     """One verified label: the tier that made it, and how far it and the task's reference are from the attempt."""
 
+    attempt_id: str
     tier: str
     label_ratio: float
     reference_ratio: float | None  # None: the task has no reference
+    label_logprob: float | None = None  # mean per token, under the attempt's adapter version (None: not measured)
+    reference_logprob: float | None = None
 
 
-def label_distance(tier: str, label: str, attempt: str, reference: str | None) -> LabelDistance:
+def label_distance(attempt_id: str, tier: str, label: str, attempt: str, reference: str | None) -> LabelDistance:
     """The edit ratios (module docstring) of a label and of the task's reference, both from `attempt`."""
-    return LabelDistance(tier, round(edit_distance(label, attempt).ratio, 4),
+    return LabelDistance(attempt_id, tier, round(edit_distance(label, attempt).ratio, 4),
                          None if reference is None else round(edit_distance(reference, attempt).ratio, 4))
 
 
 def summarise(labels: Sequence[LabelDistance]) -> dict[str, object]:
-    """Labels per tier, the median edit ratio of the labels and of the references, and the share of labels
-    closer to the attempt than the reference is (the run's personalisation in numbers)."""
+    """Labels per tier, the median edit ratio of the labels and of the references, the share of labels closer to
+    the attempt than the reference is, and where log-probs were measured, the median gap (label minus reference,
+    nats per token) and the share of labels the student found more likely (the run's personalisation)."""
     import numpy as np
 
     paired = [d for d in labels if d.reference_ratio is not None]
+    measured = [d for d in paired if d.label_logprob is not None and d.reference_logprob is not None]
     by_tier: dict[str, int] = {}
     for d in labels:
         by_tier[d.tier] = by_tier.get(d.tier, 0) + 1
@@ -112,4 +117,9 @@ def summarise(labels: Sequence[LabelDistance]) -> dict[str, object]:
         "median_reference_edit_ratio": float(np.median([d.reference_ratio for d in paired])) if paired else None,
         "closer_than_reference": (round(sum(d.label_ratio < d.reference_ratio for d in paired) / len(paired), 4)
                                   if paired else None),
+        "logprobs_measured": len(measured),
+        "median_logprob_gap": (round(float(np.median([d.label_logprob - d.reference_logprob for d in measured])), 4)
+                               if measured else None),
+        "more_likely_than_reference": (round(sum(d.label_logprob > d.reference_logprob for d in measured)
+                                             / len(measured), 4) if measured else None),
     }

@@ -162,7 +162,10 @@ class Student:
 
     def completion_logprobs(self, examples: Sequence[Example], version: int | None) -> list[float]:
         """Each example's mean log-probability per completion token under `version` (None: the bare base
-        weights), teacher-forced, encoded as the trainer encodes it: how likely the student finds a label."""
+        weights), teacher-forced, encoded as the trainer encodes it: how likely the student finds a label.
+        A version the student does not hold is refused (`VersionNotLoadedError`), as for generation."""
+        if version is not None:
+            self._versions(version, 1)
         fmt = self.config.prompt_format
         means = []
         for example in examples:

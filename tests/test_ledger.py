@@ -126,6 +126,8 @@ def test_each_verified_label_records_its_distance_and_the_references():
     _refine(ledger, close[0], label="def f():\n    return 1\n")  # one line of two changed: 0.5, as the reference
     _refine(ledger, far[0], verified=False)
     assert [(d.tier, d.label_ratio, d.reference_ratio) for d in ledger.distances] == [("stub", 0.5, 0.5)]
+    ledger.likelihoods(close[0].attempt_id, -0.25, -0.75)
+    assert (ledger.distances[0].label_logprob, ledger.distances[0].reference_logprob) == (-0.25, -0.75)
     again = Ledger.from_state(ledger.settings, ledger.curriculum.config, json.loads(json.dumps(ledger.state())))
     assert again.distances == ledger.distances
 
