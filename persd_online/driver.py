@@ -44,19 +44,29 @@ def connect(config: Config) -> None:
     address = config.ray.address
     if address is None:
         try:
-            ray.init(address="auto", namespace=config.ray.namespace, log_to_driver=True)
-            log.info("joined the running Ray cluster")
+            context = ray.init(address="auto", namespace=config.ray.namespace, log_to_driver=True)
+            log.info("joined the running Ray cluster; dashboard: %s", dashboard_url(context))
             return
         except ConnectionError:
             address = "local"
     if address == "local":
         needed = _cpus_needed(config)
         cpus = config.ray.num_cpus or max(os.cpu_count() or 1, needed)
-        ray.init(num_cpus=cpus, namespace=config.ray.namespace, include_dashboard=True, log_to_driver=True)
+        context = ray.init(num_cpus=cpus, namespace=config.ray.namespace, include_dashboard=True,
+                           log_to_driver=True)
         log.info("started a local Ray with %d CPUs (actors ask for %.1f); dashboard: %s", cpus, needed,
-                 ray.get_runtime_context().gcs_address)
+                 dashboard_url(context))
     else:
-        ray.init(address=address, namespace=config.ray.namespace)
+        context = ray.init(address=address, namespace=config.ray.namespace)
+        log.info("joined the Ray cluster at %s; dashboard: %s", address, dashboard_url(context))
+
+
+def dashboard_url(context: Any) -> str:
+    """The Ray dashboard's URL from `ray.init`'s context (not the GCS address), or a note that there is none."""
+    url = getattr(context, "dashboard_url", None)
+    if not url:
+        return "not running (install ray[default] for the dashboard)"
+    return url if url.startswith("http") else f"http://{url}"
 
 
 def _cpus_needed(config: Config) -> int:

@@ -31,3 +31,13 @@ def test_exports_to_ray_metrics():
         assert metrics.gauges["heldout_pass1/humaneval"] == 0.25
     finally:
         ray.shutdown()
+
+
+def test_the_dashboard_line_names_the_dashboard_url_not_the_gcs_address():
+    from types import SimpleNamespace
+
+    from persd_online.driver import dashboard_url
+
+    assert dashboard_url(SimpleNamespace(dashboard_url="127.0.0.1:8265")) == "http://127.0.0.1:8265"
+    assert dashboard_url(SimpleNamespace(dashboard_url="http://10.0.0.1:8265")) == "http://10.0.0.1:8265"
+    assert "not running" in dashboard_url(SimpleNamespace(dashboard_url=""))
