@@ -39,7 +39,7 @@ def e2e_overrides(runs_dir: Path, base_url: str) -> list[str]:
         "student.max_new_tokens=256", "student.tasks_per_batch=6",
         # reference_repair with a small search budget leaves the attempts it cannot fix in a few runs to the
         # openai tier, so labels come from both, and the endpoint's outage is met
-        "teacher.tiers=[{kind: self, samples: 2}, {kind: reference_repair, candidate_budget: 4, "
+        "teacher.tiers=[{kind: self, samples: 1, warmup: 4}, {kind: reference_repair, candidate_budget: 4, "
         f"on_no_edit: next_tier}}, {{kind: openai, base_url: '{base_url}', model: stub-teacher, max_retries: 1, "
         "backoff_initial_s: 0.2, timeout_s: 20}]",
         # 16 steps at a constant 1e-3: offline, 18 such steps on these tasks' six reference solutions took
