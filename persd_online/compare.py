@@ -8,11 +8,13 @@ pass@1 is its final held-out figure (the last evaluated version); multi-step fig
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from persd_online.multistep import MultiStepResult
 from persd_online.summary import RunSummary
 
 
@@ -57,19 +59,20 @@ def _from_run(root: Path) -> Entry:
 
 
 def _from_eval(path: Path) -> Entry:
-    data = json.loads(path.read_text())
-    if data.get("kind") != "eval":
-        raise ValueError(f"{path} is not a `persd-online eval --out` result")
-    extra = data.get("extra") or {}
+    try:
+        result = MultiStepResult.read(path)
+    except ValidationError:
+        raise ValueError(f"{path} is not a `persd-online eval --out` result") from None
+    extra = result.extra
     offline = extra.get("offline") or {}
     kind, tokens, cost = _teacher(offline.get("teacher"))
-    steps = data["refine_steps"]
+    steps = result.refine_steps
     return Entry(name=path.stem, kind="eval", method=offline.get("method") or ("base" if not extra.get("adapter")
                                                                                else None),
                  adapter=extra.get("adapter") or "base", teacher=kind, teacher_tokens=tokens, teacher_cost_usd=cost,
-                 task_set=data["task_set"], pass1=data["pass1_by_step"][0],
-                 pass1_multistep=data["pass1_by_step"][-1] if steps else None, refine_steps=steps or None,
-                 resample_pass=data.get("baseline_pass_at_k"))
+                 task_set=result.task_set, pass1=result.pass1_by_step[0],
+                 pass1_multistep=result.pass1_by_step[-1] if steps else None, refine_steps=steps or None,
+                 resample_pass=result.baseline_pass_at_k)
 
 
 def load_entries(inputs: list[Path]) -> list[Entry]:

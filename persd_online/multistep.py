@@ -22,8 +22,10 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
 
 from persd_online.engine import Generation, Sampling
 from persd_online.evaluator import score, summarise
@@ -45,10 +47,11 @@ class Generator(Protocol):
                          version: int | None = None) -> list[list[Generation]]: ...
 
 
-@dataclass
-class MultiStepResult:
-    """One evaluation: one-step pass@k, pass@1 after each refine step, and the equal-budget baseline."""
+class MultiStepResult(BaseModel):
+    """One evaluation: one-step pass@k, pass@1 after each refine step, and the equal-budget baseline; the typed
+    form of an `eval --out` file (`to_json` / `read`)."""
 
+    kind: Literal["eval"] = "eval"
     task_set: str
     adapter_version: int
     n_samples: int
@@ -63,14 +66,15 @@ class MultiStepResult:
     baseline_pass_at_k: float | None
     baseline_seen_select_pass1: float | None
     wall_s: float
-    per_task: dict[str, dict[str, Any]] = field(repr=False)
-    extra: dict[str, Any] = field(default_factory=dict)
+    per_task: dict[str, dict[str, Any]] = Field(repr=False)
+    extra: dict[str, Any] = Field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["pass_at_k"] = {str(k): v for k, v in self.pass_at_k.items()}
-        data["kind"] = "eval"
-        return data
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def read(cls, path: Path) -> MultiStepResult:
+        return cls.model_validate_json(path.read_text())
 
 
 def _rate(rows: list[list[bool]]) -> float:

@@ -8,6 +8,7 @@ import pytest
 
 from persd_online.cli import main
 from persd_online.compare import load_entries
+from persd_online.multistep import MultiStepResult
 from tests.summary_fixtures import make_summary
 
 
@@ -17,12 +18,14 @@ def write_inputs(tmp_path):
     make_summary(heldout_pass1=[(0, 0.10), (4, 0.20)], teacher={
         "kind": "openai", "prompt_tokens": 900, "completion_tokens": 100, "cost_usd": 0.02}).write(run / "summary.json")
     (run / "config.yaml").write_text("method: persd_refine\neval:\n  tasks: [humaneval]\n")
-    base = {"kind": "eval", "task_set": "humaneval", "refine_steps": 1, "pass1_by_step": [0.1, 0.15],
-            "baseline_pass_at_k": 0.18, "extra": {"adapter": None}}
-    trained = base | {"pass1_by_step": [0.2, 0.3], "extra": {"adapter": "adapters/stand", "offline": {
-        "method": "stand", "teacher": None}}}
-    (tmp_path / "base.json").write_text(json.dumps(base))
-    (tmp_path / "stand.json").write_text(json.dumps(trained))
+    base = MultiStepResult(task_set="humaneval", adapter_version=0, n_samples=1, refine_steps=1, temperature=0.0,
+                           n_tasks=20, tasks_with_seen_tests=20, pass_at_k={1: 0.1}, pass1_by_step=[0.1, 0.15],
+                           refined_by_step=[0, 3], baseline_samples_per_task=2, baseline_pass_at_k=0.18,
+                           baseline_seen_select_pass1=0.15, wall_s=1.0, per_task={}, extra={"adapter": None})
+    trained = base.model_copy(update={"pass1_by_step": [0.2, 0.3], "extra": {
+        "adapter": "adapters/stand", "offline": {"method": "stand", "teacher": None}}})
+    (tmp_path / "base.json").write_text(json.dumps(base.to_json()))
+    (tmp_path / "stand.json").write_text(json.dumps(trained.to_json()))
     return [run, tmp_path / "base.json", tmp_path / "stand.json"]
 
 
