@@ -72,8 +72,8 @@ def test_submitted_job_killed_then_resumed(student_model, tmp_path, cluster) -> 
     try:
         wait_for(lambda: len(published(root)) >= 2 and (root / "checkpoints" / "loop.json").is_file(), 600,
                  "second adapter version and run checkpoint from the submitted job")
-        wait_for(lambda: json.loads((root / "checkpoints" / "loop.json").read_text())["counters"]["attempts"] > 0,
-                 120, "checkpoint with attempts")
+        wait_for(lambda: json.loads((root / "checkpoints" / "loop.json").read_text())["ledger"]["counts"][
+            "attempts"] > 0, 120, "checkpoint with attempts")
         driver = subprocess.run(["pgrep", "-f", "^[^ ]+ [^ ]*persd-online run --set runs_dir"], capture_output=True,
                                 text=True).stdout.split()
         assert driver, "the job's driver process was not found"

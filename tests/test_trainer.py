@@ -180,7 +180,7 @@ def test_a_version_published_after_the_checkpoint_is_continued_not_trained_again
 
 @pytest.mark.slow
 def test_stale_and_duplicate_examples_are_dropped(student_model, tmp_path, tokenizer) -> None:
-    config = make_config(publish_every_steps=1)
+    config = make_config(publish_every_steps=1, stale_labels="drop")
     config.max_staleness = 1
     trainer = make_trainer(config, student_model, tmp_path)
     trainer.version = 3
@@ -194,6 +194,19 @@ def test_stale_and_duplicate_examples_are_dropped(student_model, tmp_path, token
     published = trainer.publish()
     assert published.version == 4 and published.example_ids == [e.example_id for e in recent]
     assert adapters.read_metadata(published.path)["staleness_max"] == 1
+
+
+@pytest.mark.slow
+def test_stale_verified_labels_go_to_replay_by_default(student_model, tmp_path, tokenizer) -> None:
+    config = make_config(publish_every_steps=1, replay_fraction=0.5)
+    trainer = make_trainer(config, student_model, tmp_path)
+    trainer.version = 3
+    old = [e.model_copy(update={"example_id": f"old-{e.example_id}"})  # 3 - 1 > max_staleness: kept for replay
+           for e in examples(tokenizer, version=1)]
+    trainer.add(old + examples(tokenizer, version=3))
+    assert trainer.train_step() is not None
+    assert (trainer.stats.stale_dropped, trainer.stats.stale_replayed) == (0, len(old))
+    assert all(e.example_id in trainer.examples.replay for e in old)
 
 
 @pytest.mark.slow
