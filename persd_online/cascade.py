@@ -11,6 +11,9 @@ cost). A tier whose verified rate stays below its `min_verified_rate` is skipped
 the rate. A tier's budget stops only that tier (`BudgetExhausted` marks it spent and the failure goes on
 down); the cascade raises `BudgetExhausted` only when every tier that could be tried is spent.
 
+A try counts when it starts, so the floor holds under concurrency: with many failures refined at once, a
+tier still gets only `warmup` tries before its rate decides (a try under way counts as not verified yet).
+
 Invariants: tiers are tried in order and the cascade stops at the first verified refinement; the outcome's
 rounds are every tried tier's rounds in order, so at most the last passes; a skipped or spent tier makes no
 call; a tier's figures count only its own calls.
@@ -120,13 +123,14 @@ class Cascade:
             if not should_try(tier.stats, tier.policy):
                 tier.stats.skipped += not tier.stats.spent
                 continue
+            tier.stats.tried += 1  # counted when it starts: concurrent failures see the tries under way
             try:
                 outcome = await refine_and_verify(tier.teacher, self.executor, task, attempt, verdict,
                                                   tier.policy.extra_rounds)
             except BudgetExhausted:
+                tier.stats.tried -= 1
                 tier.stats.spent = True
                 continue
-            tier.stats.tried += 1
             tier.record(outcome.rounds)
             rounds += outcome.rounds
             if outcome.verified is not None:

@@ -23,6 +23,7 @@ class Scripted:
 
     async def propose(self, task, attempt_id, program, feedback, round_no):
         self.calls += 1
+        await asyncio.sleep(0)  # a real teacher suspends here: concurrent refinements interleave
         if self.error:
             raise self.error
         if self.program is None or round_no > 1:
@@ -121,3 +122,16 @@ def test_a_rebuilt_cascade_continues_from_its_state():
     assert again.describe() == first.describe() and again.describe()["tiers"]["reference_oracle"]["verified"] == 1
     with pytest.raises(Exception, match="needs the student"):
         build_cascade(TeacherConfig(tiers=[SelfRepairTier()]), None, Tests())
+
+
+def test_the_warmup_holds_when_many_failures_arrive_at_once():
+    never = Scripted("self", None)
+    cascade = Cascade([Tier("self", never, TierPolicy(0.5, warmup=3, probe_every=100)), Tier("paid", Scripted("paid"))],
+                      Tests())
+
+    async def all_at_once():
+        return await asyncio.gather(*(cascade.refine(TASK, *failure(i)) for i in range(20)))
+
+    outcomes = asyncio.run(all_at_once())
+    assert all(o.verified.teacher_kind == "paid" for o in outcomes)
+    assert never.calls == 3  # not 20: tries under way count against the warm-up
