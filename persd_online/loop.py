@@ -127,13 +127,13 @@ class OnlineLoop:
             for pick in picks:
                 self.run_dir.event("pick", task_id=pick.task_id, reason=pick.reason, value=pick.value)
             tasks = [self.tasks[p.task_id] for p in picks]
-            version = self.ledger.student_version
             async with self.scheduler.turn("student"):
                 called = time.monotonic()
-                # pinned to the version the loop believes is served: a student that restarted unnoticed holds
-                # only version 0 and refuses the call, so `_with_student` gives it its version back
+                # pinned to the version the loop believes is served when the call is made (a retry after a
+                # restart asks for the version given back): a student that restarted unnoticed holds only
+                # version 0 and refuses the call, so `_with_student` gives it its version back
                 attempts = await self._with_student(
-                    lambda t=tasks, v=version: self.actors.student.generate.remote(t, n, None, v))
+                    lambda t=tasks: self.actors.student.generate.remote(t, n, None, self.ledger.student_version))
                 self._last_call_s = max(self._last_call_s, time.monotonic() - called)
             async with self.scheduler.turn("sandbox"):
                 verdicts = await score(self.actors.executor, tasks, attempts)
@@ -147,10 +147,11 @@ class OnlineLoop:
 
     async def _refine(self) -> None:
         backoff = OUTAGE_BACKOFF_S[0]
-        while True:
-            attempt, verdict = await self.refine_queue.get()
+        while (failure := await self._until_stopped(self.refine_queue.get())) is not None:
+            attempt, verdict = failure
             task = self.tasks[attempt.task_id]
-            await self.refining.wait()
+            if await self._until_stopped(self.refining.wait()) is None:
+                return
             try:
                 async with self.scheduler.turn("teacher"):
                     outcome = await self.actors.teacher.refine.remote(task, attempt, verdict)
@@ -260,8 +261,24 @@ class OnlineLoop:
         log.warning("teacher unavailable (%s); pausing refinement for %.0f s", why, seconds)
         self.run_dir.event("teacher_outage", error=why, pause_s=seconds)
         self.refining.clear()
-        await asyncio.sleep(seconds)
+        await self._until_stopped(asyncio.sleep(seconds))
         self.refining.set()
+
+    async def _until_stopped(self, work: Awaitable[T]) -> T | None:
+        """`work`'s result, or None once the run stops first (`work` is then cancelled). Refiners wait on this
+        for their next failure, never on a teacher call: a call under way when the run stops is finished and
+        its labels recorded (the teacher's tiers count it either way)."""
+        job = asyncio.ensure_future(work)
+        if self.stop.is_set():
+            job.cancel()
+            return None
+        stopped = asyncio.ensure_future(self.stop.wait())
+        done, _ = await asyncio.wait({job, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if job in done:
+            return job.result()
+        job.cancel()
+        return None
 
     async def _evaluate(self, version: int, full: bool = True) -> list[EvalResult]:
         """Score `version` on the held-out sets: all their tasks, or (progress) the first eval.progress_limit."""
@@ -341,12 +358,9 @@ class OnlineLoop:
                 ("student", self._generate()), ("adapter swap", self._watch_versions()),
                 ("reporter", self._report(display)))]
             await self.stop.wait()
-            failures = [r for r in await asyncio.gather(*roles, return_exceptions=True)
+            # the refiners finish the calls under way (see `_until_stopped`)
+            failures = [r for r in await asyncio.gather(*roles, *refiners, return_exceptions=True)
                         if isinstance(r, BaseException)]
-            for task in refiners:
-                task.cancel()
-            failures += [r for r in await asyncio.gather(*refiners, return_exceptions=True)
-                         if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
         for failure in failures:
             log.error("a loop stage failed: %r", failure, exc_info=failure)
             self.run_dir.event("stage_failed", error=repr(failure))
