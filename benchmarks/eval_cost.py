@@ -2,7 +2,7 @@
 
 Baseline ("before"): the evaluation as it was: served through LoRA (version 0, the all-zero adapter),
 generating to the end-of-sequence token or `eval.max_new_tokens` (320): no stop at the closing code fence, no
-repetition stop, no per-task caps. New ("after"): a plain engine over the (merged) weights, stop at the
+repetition stop, no per-task caps. New ("after"): the adapter merged into the engine's weights (no LoRA), stop at the
 program's end, the repetition stop (`persd_online.repetition`) and per-task token caps (`eval.cap_factor` x
 the reference's length + `eval.cap_margin`). Both score the base student (version
 0) greedily on the same tasks, both cores, each in its own process (a fresh engine; start-up not counted).

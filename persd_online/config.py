@@ -112,7 +112,7 @@ class _ActorSection(_Section):
 
 
 class StudentConfig(_ActorSection):
-    """The student served by vLLM with LoRA enabled."""
+    """The student served by vLLM; adapter versions merged into its weights or served as LoRA (`serving`)."""
 
     model: str = Field("smollm2-135m-instruct", description="A name `prepare-model` knows, or a checkpoint path.")
     backend: Literal["vllm", "vllm_server"] = Field(
@@ -126,11 +126,27 @@ class StudentConfig(_ActorSection):
     cpu_kvcache_gib: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU engines.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     enforce_eager: bool = Field(True, description="Skip graph compilation (~40 s on CPU).")
-    serve_lora: bool = Field(True, description="false: a plain engine serving the checkpoint's weights only "
-                             "(version 0); offline scoring uses it on merged adapters (LoRA serving is ~3x slower "
-                             "on CPU).")
+    serving: Literal["merged", "lora", "plain"] = Field(
+        "merged", description="merged: the engine's weights are reloaded in place with the requested version "
+        "merged in (W + s·BA), one version at a time (LoRA serving cost ~3x the tokens/s on the CPU engine); "
+        "lora: vLLM LoRA, several versions in one batch; plain: the checkpoint's weights only (version 0), "
+        "for offline scoring of merged checkpoints.")
     max_lora_rank: int = Field(16, ge=1)
     max_loras: int = Field(3, ge=1, description="Adapter versions kept loaded at once.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_serve_lora(cls, data: Any) -> Any:
+        """Read `serve_lora` (before `serving`, e.g. an older run's config.yaml on --resume): true as
+        `serving: lora`, false as `serving: plain`, with a warning; both keys at once is an error."""
+        if not (isinstance(data, dict) and "serve_lora" in data):
+            return data
+        if "serving" in data:
+            raise ValueError("student.serve_lora and student.serving are both given; keep only student.serving")
+        data = dict(data)
+        serving = "lora" if data.pop("serve_lora") in (True, "true", "True", 1) else "plain"
+        log.warning("config: student.serve_lora is now student.serving; read as serving: %s", serving)
+        return data | {"serving": serving}
     prompt_format: Literal["chat", "completion"] = Field(
         "chat", description="chat: the instruct template, fenced code extracted; completion: header + body."
     )

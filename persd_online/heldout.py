@@ -1,8 +1,8 @@
 """Scoring one adapter on held-out task sets in this process: per-task outcomes, pass@1 and its interval.
 
 The experiment's arms, the `eval` command and the evaluation-cost benchmark score adapters the same way:
-the adapter merged into the base weights (`merge.merge_adapter`) and served by a plain engine in this process
-(`scoring_student`: no LoRA, ~3x the tokens/s of LoRA serving on CPU), every task of a set in one engine
+the adapter merged into the base weights and served without LoRA by an engine in this process (`scoring_student`,
+`student.serving: merged`: ~3x the tokens/s of LoRA serving on CPU), every task of a set in one engine
 call, the evaluation's limits (stop sequences of the prompt format, the repetition stop, per-task token caps
 from `eval.cap_factor`), scored on the hidden tests by the sandbox. Greedy decoding (`eval.temperature` 0)
 gives each task a rate of 0 or 1; at T > 0 a task's rate is its passing share of `eval.n_samples` samples, an
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -58,29 +57,20 @@ def heldout_sets(config: Config) -> dict[str, list[Task]]:
 
 def scoring_student(config: Config, model_path: str | Path, adapter: str | Path | None,
                     work_dir: str | Path, merged: bool = True) -> tuple[Student, int]:
-    """(student, version to ask for): a plain engine serving `adapter` merged into the base weights (None: the
-    base model) as version 0, or, with `merged` false, the LoRA engine serving it as the loop does. Refuses a
-    path holding no published adapter before anything starts."""
+    """(student, version to ask for): a student in this process serving `adapter` (None: the base model) merged
+    into its weights (`student.serving: merged`), or, with `merged` false, through LoRA. Refuses a path holding
+    no published adapter before anything starts."""
     from persd_online import offline
-    from persd_online.merge import merge_adapter
 
-    work_dir = Path(work_dir)
-    if not merged:
-        if adapter is not None:
-            offline.resolve_adapter(adapter)
-        student = offline.local_student(config.student, model_path, work_dir / "student")
-        try:
-            return student, offline.load_adapter(student, adapter)
-        except BaseException:
-            student.shutdown()
-            raise
     if adapter is not None:
-        version, directory = offline.resolve_adapter(adapter)
-        # one merged checkpoint per adapter directory, found again by any later process (str hash() is salted)
-        key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:12]
-        model_path = merge_adapter(model_path, directory, work_dir / "merged" / f"{directory.name}-{key}")
-    plain = config.student.model_copy(update={"serve_lora": False})
-    return offline.local_student(plain, model_path, work_dir / "student"), 0
+        offline.resolve_adapter(adapter)
+    served = config.student.model_copy(update={"serving": "merged" if merged else "lora"})
+    student = offline.local_student(served, model_path, Path(work_dir) / "student")
+    try:
+        return student, offline.load_adapter(student, adapter)
+    except BaseException:
+        student.shutdown()
+        raise
 
 
 def score_adapter(config: Config, model_path: str | Path, adapter: str | Path | None, sets: dict[str, list[Task]],

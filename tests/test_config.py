@@ -170,3 +170,13 @@ def test_resource_keys_of_the_old_layout_still_load(tmp_path, caplog):
         load_config(None, ["student.num_cpus=2", "student.resources.num_cpus=3"])
     assert str(info.value).endswith("\n  (top level): student.num_cpus is given twice, also as "
                                     "student.resources.num_cpus; keep only student.resources.num_cpus")
+
+
+def test_serve_lora_of_older_runs_reads_as_serving(tmp_path, caplog):
+    (tmp_path / "config.yaml").write_text("student:\n  serve_lora: true\n")
+    assert load_config(tmp_path / "config.yaml").student.serving == "lora"
+    assert "student.serve_lora is now student.serving" in caplog.text
+    assert load_config(None, ["student.serve_lora=false"]).student.serving == "plain"
+    assert load_config(None, []).student.serving == "merged"
+    with pytest.raises(ConfigError, match="keep only student.serving"):
+        load_config(None, ["student.serve_lora=true", "student.serving=lora"])

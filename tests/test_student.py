@@ -191,7 +191,11 @@ def test_engine_env_sets_the_cpu_settings_only_for_an_in_process_cpu_engine(monk
     assert "VLLM_CPU_OMP_THREADS_BIND" not in unbound
     assert engine_env(StudentConfig(cpu_cores=[6, 0, 1, 2, 3]))["VLLM_CPU_OMP_THREADS_BIND"] == "0-3,6"
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert engine_env(StudentConfig.model_validate({"resources": {"num_gpus": 1}})) == {"RAY_AUTH_MODE": "token"}
+    assert engine_env(StudentConfig.model_validate({"resources": {"num_gpus": 1}, "serving": "lora"})) == {
+        "RAY_AUTH_MODE": "token"}
+    # merged on a GPU: vLLM's engine core runs in its own process and gets the reload function pickled
+    assert engine_env(StudentConfig.model_validate({"resources": {"num_gpus": 1}})) == {
+        "RAY_AUTH_MODE": "token", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
 
 
 class PositionEngine(ScriptedEngine):

