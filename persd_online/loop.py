@@ -114,6 +114,7 @@ class OnlineLoop:
         self._reload_lock = asyncio.Lock()
         self._last_call_s = 0.0  # the longest generation call so far (the wall budget's reserve)
         self._trainer_busy_s = 0.0  # the trainer's busy seconds at its last report
+        self._trainer_seen = 0.0  # the start of the last trainer step put on the timeline
 
     # --- roles --------------------------------------------------------------------------------------------
     async def _generate(self) -> None:
@@ -306,6 +307,11 @@ class OnlineLoop:
         self.metrics.set("queue_depth", queued, queue="examples")
         self.metrics.add_busy("trainer", stats.get("busy_s", 0.0) - self._trainer_busy_s)
         self._trainer_busy_s = stats.get("busy_s", 0.0)
+        for start, end in stats.get("recent_steps", []):
+            if start > self._trainer_seen:
+                self.metrics.interval("trainer", start, end)
+                self._trainer_seen = start
+        self.run_dir.timeline(self.metrics.take_intervals())
 
     # --- control ------------------------------------------------------------------------------------------
     async def _guard(self, role: str, work: Coroutine[Any, Any, None]) -> None:
@@ -379,6 +385,7 @@ class OnlineLoop:
         if not full or full[-1]["adapter_version"] != self.ledger.student_version:
             await self._evaluate(self.ledger.student_version)
         before, after = await self._trained_task_pass()
+        self.run_dir.timeline(self.metrics.take_intervals())
         await self.checkpoint()
         self.metrics.sync(self.ledger.counts)
         return self._summary(before, after, await self.actors.teacher.describe.remote())
@@ -392,9 +399,10 @@ class OnlineLoop:
         greedy = dataclasses.replace(base, temperature=0.0)
         rates = []
         for version in (0, self.ledger.student_version):
-            attempts = await self._with_student(
-                lambda v=version: self.actors.student.generate.remote(tasks, 1, greedy, v))
-            verdicts = await score(self.actors.executor, tasks, attempts)
+            async with self.scheduler.turn("evaluator"):  # an evaluation of the student, on the timeline as one
+                attempts = await self._with_student(
+                    lambda v=version: self.actors.student.generate.remote(tasks, 1, greedy, v))
+                verdicts = await score(self.actors.executor, tasks, attempts)
             rates.append(sum(v.passed for v in verdicts) / len(verdicts))
         self.run_dir.event("trained_task_pass", tasks=len(tasks), before=rates[0], after=rates[1])
         return rates[0], rates[1]

@@ -70,6 +70,7 @@ class LoopMetrics:
         self.gauges: dict[str, float] = {}
         self._busy: dict[str, float] = defaultdict(float)
         self._stage_start: dict[str, float] = {}
+        self._intervals: list[dict[str, Any]] = []  # busy intervals not yet written (`take_intervals`)
         self.started = time.monotonic()
 
     def inc(self, name: str, value: float = 1.0) -> None:
@@ -101,12 +102,22 @@ class LoopMetrics:
 
     @contextmanager
     def busy(self, stage: str) -> Iterator[None]:
-        """Time a block of work of `stage`."""
-        start = time.monotonic()
+        """Time a block of work of `stage`, and record it as a busy interval."""
+        start, wall = time.monotonic(), time.time()
         try:
             yield
         finally:
             self.add_busy(stage, time.monotonic() - start)
+            self.interval(stage, wall, time.time())
+
+    def interval(self, stage: str, start: float, end: float) -> None:
+        """Record that `stage` was busy from `start` to `end` (epoch seconds) for the stage timeline."""
+        self._intervals.append({"stage": stage, "start": round(start, 3), "end": round(end, 3)})
+
+    def take_intervals(self) -> list[dict[str, Any]]:
+        """The busy intervals recorded since the last call (the loop appends them to `timeline.jsonl`)."""
+        taken, self._intervals = self._intervals, []
+        return taken
 
     def busy_fraction(self, stage: str) -> float:
         wall = time.monotonic() - self._stage_start.get(stage, self.started)

@@ -2,7 +2,8 @@
 
 - `learning_curve.png`: held-out pass@1 against teacher calls and against wall time, one line per task set
   (from the `eval` events);
-- `stage_utilisation.png`: each stage's busy fraction over time (from `metrics.jsonl`);
+- `stage_timeline.png`: when each stage was busy (from `timeline.jsonl`) and each stage's output per minute
+  (attempts, teacher calls, examples trained; from `metrics.jsonl`);
 - `summary.md`: held-out pass@1 of the base student against the final adapter, then the figures of
   `summary.json` as a table.
 """
@@ -22,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from persd_online.evaluator import describe_change  # noqa: E402
 from persd_online.run_dir import read_jsonl  # noqa: E402
 from persd_online.summary import RunSummary  # noqa: E402
+from persd_online.timeline import STAGES, THROUGHPUT, busy_share, stage_bars, throughput  # noqa: E402
 
 
 def _learning_curve(evals: list[dict[str, Any]], out: Path) -> None:
@@ -53,15 +55,26 @@ def _learning_curve(evals: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def _utilisation(snapshots: list[dict[str, Any]], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 4))
-    stages = sorted({k for s in snapshots for k in s if k.startswith("busy/")})
-    for key in stages:
-        points = [(s["wall_s"] / 60, s[key]) for s in snapshots if key in s]
-        ax.plot(*zip(*points, strict=True), label=key.removeprefix("busy/"))
-    ax.set(xlabel="wall time (min)", ylabel="busy fraction", title="stage utilisation")
-    if stages:
-        ax.legend()
+def _timeline(intervals: list[dict[str, Any]], snapshots: list[dict[str, Any]], t0: float, out: Path) -> None:
+    """When each stage was busy (one row per stage, its share of the run in the label), above each stage's
+    output per minute (`persd_online.timeline`)."""
+    fig, (rows, rates) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=(3, 2))
+    bars = stage_bars(intervals, t0)
+    end = max((s + w for spans in bars.values() for s, w in spans), default=0.0)
+    span = max(end, max((r["t"] - t0) / 60 for r in snapshots) if snapshots else 0.0)
+    share = busy_share(bars, span)
+    stages = [s for s in STAGES if s in bars] + sorted(set(bars) - set(STAGES))
+    for y, stage in enumerate(stages):
+        rows.broken_barh(bars[stage], (y - 0.4, 0.8), color=f"C{y}")
+    rows.set(yticks=range(len(stages)), yticklabels=[f"{s} ({share[s]:.0%})" for s in stages], ylim=(-0.6, len(stages)),
+             title="stage timeline: when each stage was busy (share of the run)")
+    rows.invert_yaxis()
+    for name, points in throughput(snapshots, t0).items():
+        if points:
+            rates.plot(*zip(*points, strict=True), marker=".", label=THROUGHPUT[name])
+    rates.set(xlabel="wall time (min)", ylabel="per minute", title="throughput")
+    if rates.lines:
+        rates.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -108,9 +121,13 @@ def build_report(run_root: str | Path) -> list[Path]:
     if evals:
         _learning_curve(evals, out / "learning_curve.png")
         written.append(out / "learning_curve.png")
-    if (root / "metrics.jsonl").exists():
-        _utilisation(list(read_jsonl(root / "metrics.jsonl")), out / "stage_utilisation.png")
-        written.append(out / "stage_utilisation.png")
+    intervals = list(read_jsonl(root / "timeline.jsonl")) if (root / "timeline.jsonl").exists() else []
+    snapshots = list(read_jsonl(root / "metrics.jsonl")) if (root / "metrics.jsonl").exists() else []
+    if intervals or snapshots:
+        starts = [e["t"] for e in events if e.get("kind") == "start"]
+        t0 = starts[0] if starts else min([i["start"] for i in intervals] + [s["t"] for s in snapshots])
+        _timeline(intervals, snapshots, t0, out / "stage_timeline.png")
+        written.append(out / "stage_timeline.png")
     if (root / "summary.json").exists():
         summary = RunSummary.read(root / "summary.json")
         (out / "summary.md").write_text(_summary_markdown(summary, evals))

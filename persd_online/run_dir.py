@@ -36,6 +36,7 @@ class RunDir:
             (root / sub).mkdir(parents=True, exist_ok=True)
         self._events: IO[str] = (root / "events.jsonl").open("a", encoding="utf-8", buffering=1)
         self._metrics: IO[str] = (root / "metrics.jsonl").open("a", encoding="utf-8", buffering=1)
+        self._timeline: IO[str] = (root / "timeline.jsonl").open("a", encoding="utf-8", buffering=1)
 
     @classmethod
     def create(cls, config: Config) -> RunDir:
@@ -84,12 +85,17 @@ class RunDir:
         """Append one metrics snapshot."""
         self._metrics.write(json.dumps({"t": round(time.time(), 3), **snapshot}, default=str) + "\n")
 
+    def timeline(self, intervals: list[dict[str, Any]]) -> None:
+        """Append stage busy intervals ({"stage", "start", "end"}, epoch seconds; `persd_online.timeline`)."""
+        self._timeline.writelines(json.dumps(i) + "\n" for i in intervals)
+
     def write_summary(self, summary: RunSummary) -> None:
         summary.write(self.root / "summary.json")
 
     def close(self) -> None:
         self._events.close()
         self._metrics.close()
+        self._timeline.close()
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -25,6 +25,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 PULL_TIMEOUT_S = 0.5
 STOP_TIMEOUT_S = 600.0
+RECENT_STEPS = 256  # steps whose intervals `report` returns: more than take place between two reads
 
 
 def examples_per_step(config: TrainerConfig) -> int:
@@ -125,6 +127,8 @@ class LoraTrainer:
                                       stale_to_replay=t.stale_labels == "replay")
         self.checkpoints = TrainerCheckpoints(Path(root) / "checkpoints")
         self.stats = TrainerStats()
+        # the last steps' (start, end) in epoch seconds, for the loop's stage timeline (it reads every few s)
+        self._recent_steps: deque[tuple[float, float]] = deque(maxlen=RECENT_STEPS)
         self.version = adapters.latest(self.adapters_dir)
         self._pending = _Pending()
         if self.restore():
@@ -161,6 +165,8 @@ class LoraTrainer:
         s.truncated += result.truncated
         s.tokens_trained += result.tokens
         s.busy_s += result.elapsed_s
+        end = time.time()
+        self._recent_steps.append((round(end - result.elapsed_s, 3), round(end, 3)))
         s.loss, s.step_s = result.loss, result.elapsed_s
         s.train_tokens_per_s, s.examples_per_s = result.tokens / result.elapsed_s, result.examples / result.elapsed_s
         self.examples.trained(draw.fresh)
@@ -249,7 +255,8 @@ class LoraTrainer:
     def report(self) -> dict[str, Any]:
         """The counters and last-step figures, plus the version and buffer sizes."""
         return vars(self.stats) | {"version": self.version, "replay_size": len(self.examples.replay),
-                                   "fresh_pending": len(self.examples.fresh), "ready": self.ready()}
+                                   "fresh_pending": len(self.examples.fresh), "ready": self.ready(),
+                                   "recent_steps": list(self._recent_steps)}
 
 
 class TrainerActor:

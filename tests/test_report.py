@@ -1,6 +1,7 @@
 """The report is built from a run directory's files alone."""
 
 import json
+import time
 
 from persd_online.config import Config
 from persd_online.evaluator import heldout_change
@@ -21,14 +22,18 @@ def test_report_from_run_files(tmp_path):
     evals = [_eval(0, "mbpp:test", 5, 100, 0), _eval(0, "humaneval", 2, 100, 0),
              _eval(1, "mbpp:test", 2, 20, 12, full=False), _eval(1, "humaneval", 1, 20, 12, full=False),
              _eval(2, "mbpp:test", 6, 100, 30), _eval(2, "humaneval", 40, 100, 30)]
+    run.event("start")
     for i, e in enumerate(evals):
         run.event("eval", **e)
-        run.metrics({"wall_s": 60.0 * i, "busy/student": 0.5 + 0.1 * i, "busy/trainer": 0.3})
+        run.metrics({"wall_s": 60.0 * i, "attempts": 10 * i, "examples_trained": 4 * i})
+    now = time.time()
+    run.timeline([{"stage": "student", "start": now, "end": now + 30},
+                  {"stage": "trainer", "start": now + 10, "end": now + 40}])
     run.write_summary(make_summary(adapters_published=3, heldout_pass1=[(0, 0.05), (2, 0.06)], heldout=evals,
                                    heldout_change=heldout_change(evals)))
     run.close()
     written = build_report(run.root)
-    assert {p.name for p in written} == {"learning_curve.png", "stage_utilisation.png", "summary.md"}
+    assert {p.name for p in written} == {"learning_curve.png", "stage_timeline.png", "summary.md"}
     for png in written[:2]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     text = (run.root / "report" / "summary.md").read_text()
