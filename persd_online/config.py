@@ -129,8 +129,7 @@ class StudentConfig(_ActorSection):
     serving: Literal["merged", "lora", "plain"] = Field(
         "merged", description="merged: the engine's weights are reloaded in place with the requested version "
         "merged in (W + s·BA), one version at a time (LoRA serving cost ~3x the tokens/s on the CPU engine); "
-        "lora: vLLM LoRA, several versions in one batch; plain: the checkpoint's weights only (version 0), "
-        "for offline scoring of merged checkpoints.")
+        "lora: vLLM LoRA, several versions in one batch; plain: the checkpoint's weights only (version 0).")
     max_lora_rank: int = Field(16, ge=1)
     max_loras: int = Field(3, ge=1, description="Adapter versions kept loaded at once.")
 

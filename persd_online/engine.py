@@ -15,12 +15,17 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from ray.experimental import tqdm_ray
 
 from persd_online.config import StudentConfig, format_cores
 from persd_online.merged_weights import LoraFactors, base_weights, merged_weights, read_adapter
@@ -41,6 +46,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     max_tokens_each: tuple[int, ...] | None = None  # per prompt, in prompt order (token_caps); else max_tokens
+    progress: str | None = None  # a progress bar with this title for the call, drawn by the Ray driver
 
     def caps(self, count: int) -> list[int]:
         """The max new tokens of each of `count` prompts."""
@@ -136,8 +142,48 @@ def _lora_id(version: int) -> int:
     return version + 1
 
 
+class EngineProgress(tqdm_ray.tqdm):
+    """vLLM's progress bar of one `generate` call (`use_tqdm`), drawn by the Ray driver however many processes
+    away the engine is (`ray.experimental.tqdm_ray`); in a process without Ray, drawn in place. vLLM also wraps
+    the requests it adds (an iterable, instant): that pass is iterated and not drawn."""
+
+    def __init__(self, iterable: Iterable[Any] | None = None, total: int | None = None, title: str = "",
+                 **_vllm_styling: Any) -> None:
+        super().__init__(desc=title, total=total, unit="prompts")
+        self._adding = iterable
+        self._started = time.monotonic()
+        self.postfix = ""  # vLLM writes its token rates here; the Ray bar has no room for them
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._adding if self._adding is not None else ())
+
+    def close(self) -> None:
+        if self._adding is None:
+            super().close()
+
+    @property
+    def format_dict(self) -> dict[str, float]:
+        """What vLLM reads back from a tqdm bar: the seconds elapsed."""
+        return {"elapsed": max(time.monotonic() - self._started, 1e-6)}
+
+
+class _PartialReloadFilter(logging.Filter):
+    """Drops vLLM's warnings that a reload left weights out: a merged version reloads only the weights its
+    adapter changes, on purpose; vLLM puts every other layer's weights back as they were, and would warn about
+    each of them (every weight name, every norm and embedding layer) at every swap."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Following weights were not loaded") or message.endswith(
+            ": Failed to load weights"))
+
+
 def _reload(worker: Any, weights: dict[str, Any]) -> None:
     """Run in the engine's worker: load checkpoint-format `weights` in place (vLLM re-packs them for its kernels)."""
+    for name in ("inplace", "layerwise"):
+        reload_log = logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}")
+        if not any(isinstance(f, _PartialReloadFilter) for f in reload_log.filters):
+            reload_log.addFilter(_PartialReloadFilter())
     worker.model_runner.reload_weights(weights_iterator=iter(weights.items()))
 
 
@@ -151,7 +197,7 @@ class VllmEngine:
       one version at a time, the held one first. Serving through LoRA cost ~3x the tokens/s on the CPU engine.
     - `lora`: vLLM's LoRA, every version in one batch.
     - `plain`: the checkpoint's own weights only; it serves version 0 (what the all-zero adapter gives) and
-      refuses any other version (offline scoring of merged checkpoints, `persd_online.merge`).
+      refuses any other version (the no-adapter baseline of `benchmarks/student_generation.py`).
 
     Invariant (merged): the weights held are always the base weights plus exactly one version's update,
     computed from the base, never from a previously merged version.
@@ -197,20 +243,22 @@ class VllmEngine:
             raise KeyError(f"adapter version {version} is not loaded in this engine") from None
 
     def _run(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
-             versions: Sequence[int]) -> list[RequestOutput]:
-        """One engine call, or (merged) one per version, held version first; outputs in prompt order."""
+             versions: Sequence[int], progress: str | None = None) -> list[RequestOutput]:
+        """One engine call, or (merged) one per version, held version first; outputs in prompt order. With a
+        `progress` title, vLLM's own progress bar of the call is drawn by the Ray driver (`EngineProgress`)."""
         from vllm.inputs import TokensPrompt
 
         requests = [self._request(v) for v in versions]
         inputs = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
+        bar = functools.partial(EngineProgress, title=progress) if progress else False
         if self._serving != "merged":
             return self._llm.generate(inputs, list(params), lora_request=requests if self._serving == "lora" else None,
-                                      use_tqdm=False)
+                                      use_tqdm=bar)
         outputs: list[RequestOutput | None] = [None] * len(prompts)
         for version in sorted(set(versions), key=lambda v: v != self._held):
             self._hold(version)
             chosen = [i for i, v in enumerate(versions) if v == version]
-            done = self._llm.generate([inputs[i] for i in chosen], [params[i] for i in chosen], use_tqdm=False)
+            done = self._llm.generate([inputs[i] for i in chosen], [params[i] for i in chosen], use_tqdm=bar)
             for i, out in zip(chosen, done, strict=True):
                 outputs[i] = out
         return [o for o in outputs if o is not None]
@@ -233,7 +281,7 @@ class VllmEngine:
         params = [SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=cap,
                                  stop=list(sampling.stop) or None, seed=sampling.seed)
                   for cap in sampling.caps(len(prompts))]
-        outputs = self._run(prompts, params, versions)
+        outputs = self._run(prompts, params, versions, sampling.progress)
         return [
             [Generation(text=o.text, version=version, prompt_tokens=len(ids),
                         completion_tokens=len(o.token_ids), finish_reason=o.finish_reason)

@@ -136,8 +136,9 @@ class Evaluator:
         self.config = config
         self._caps: dict[str, tuple[int, ...]] = {}  # per held-out set: each task's token cap (token_caps)
 
-    async def evaluate(self, version: int, limit: int | None = None) -> list[EvalResult]:
-        """pass@k of `version` on every held-out set (`limit`: its first tasks only)."""
+    async def evaluate(self, version: int, limit: int | None = None, progress: bool = False) -> list[EvalResult]:
+        """pass@k of `version` on every held-out set (`limit`: its first tasks only); `progress`: a progress bar
+        per set on the driver (for the long evaluations, before and after the live display)."""
         base = await self.student.default_sampling.remote()
         sampling = dataclasses.replace(base, temperature=self.config.temperature,
                                        max_tokens=self.config.max_new_tokens)
@@ -150,7 +151,8 @@ class Evaluator:
                 self._caps[name] = tuple(await self.student.token_caps.remote(every, c.cap_factor, c.cap_margin,
                                                                               c.max_new_tokens))
             tasks = every[:limit]
-            capped = dataclasses.replace(sampling, max_tokens_each=self._caps[name][:len(tasks)])
+            capped = dataclasses.replace(sampling, max_tokens_each=self._caps[name][:len(tasks)],
+                                         progress=f"evaluating v{version} on {name}" if progress else None)
             attempts = await self.student.generate.remote(tasks, self.config.n_samples, capped, version)
             verdicts = await score(self.executor, tasks, attempts)
             results.append(summarise(name, version, self.config.n_samples, attempts, verdicts,

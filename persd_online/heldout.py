@@ -99,7 +99,8 @@ def score_adapter(config: Config, model_path: str | Path, adapter: str | Path | 
                                 student.token_caps(tasks, c.cap_factor, c.cap_margin, c.max_new_tokens), strict=True))
                 tokens_before = student.engine_metrics().get("vllm:generation_tokens", 0.0)
                 start = time.monotonic()
-                result = asyncio.run(evaluate(student, executor, tasks, n=n, sampling=sampling, refine_steps=0,
+                result = asyncio.run(evaluate(student, executor, tasks, n=n, refine_steps=0,
+                                              sampling=dataclasses.replace(sampling, progress=f"scoring {name}"),
                                               fmt=config.student.prompt_format, version=version, task_set=name,
                                               caps=caps))
                 wall = time.monotonic() - start

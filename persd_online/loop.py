@@ -286,7 +286,7 @@ class OnlineLoop:
         limit = None if full else self.config.eval.progress_limit
         async with self.scheduler.turn("evaluator"):
             results: list[EvalResult] = await self._with_student(
-                lambda: self.actors.evaluator.evaluate.remote(version, limit))
+                lambda: self.actors.evaluator.evaluate.remote(version, limit, progress=full))
         for result in results:
             event = result.to_event(full) | {"teacher_calls": self.ledger.counts["teacher_calls"],
                                              "wall_s": round(self._wall(), 1)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,3 +214,20 @@ def test_completion_logprobs_average_the_completion_tokens_only(student_model, w
     [mean] = student.completion_logprobs([example], 0)
     positions = range(prompt, prompt + completion)  # the completion's tokens: positions prompt .. end - 1
     assert mean == pytest.approx(-sum(positions) / completion)
+
+
+def test_the_engine_progress_bar_takes_what_vllm_gives_a_tqdm_bar():
+    # vLLM's LLM.generate(use_tqdm=factory) calls factory(total=, desc=, dynamic_ncols=, postfix=), then reads
+    # format_dict["elapsed"], sets postfix, updates and closes it
+    from persd_online.engine import EngineProgress
+
+    bar = functools.partial(EngineProgress, title="evaluating v0 on mbpp:test")(
+        total=3, desc="Processed prompts", dynamic_ncols=True, postfix="est. speed input: 0.00 toks/s")
+    for _ in range(3):
+        assert bar.format_dict["elapsed"] > 0
+        bar.postfix = "est. speed output: 1.00 toks/s"
+        bar.update(1)
+    bar.refresh()
+    bar.close()
+    state = bar._get_state()
+    assert (state["desc"], state["x"], state["total"], state["closed"]) == ("evaluating v0 on mbpp:test", 3, 3, True)
