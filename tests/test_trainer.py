@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -98,7 +99,7 @@ def test_loss_falls_and_versions_publish_atomically(student_model, tmp_path, tok
     meta = adapters.read_metadata(adapters.version_dir(tmp_path / "adapters", 6))
     assert meta["version"] == 6 and meta["step"] == 12 and len(meta["example_ids"]) == 8
     steps = trainer.report()["recent_steps"]  # the stage timeline's trainer row: one interval per step, in order
-    assert len(steps) == 12 and all(a < b <= c < d for (a, b), (c, d) in zip(steps, steps[1:]))
+    assert len(steps) == 12 and all(a < b <= c < d for (a, b), (c, d) in itertools.pairwise(steps))
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
