@@ -247,13 +247,16 @@ class OnlineLoop:
 
     async def _measure_likelihoods(self, task: Task, attempt: Attempt, verdict: Verdict,
                                    outcome: RefinementOutcome) -> None:
-        """How likely the attempt's own adapter finds its label and the task's reference (personalisation);
-        skipped when the student no longer holds that version or is restarting."""
+        """How likely the student finds the label and the task's reference (personalisation), under the version
+        it serves when the label arrives (the attempt's, or at most max_staleness newer): asking for the
+        attempt's own version would reload a merged student's weights twice per label; skipped while the
+        student is restarting."""
         pair = [*attempt_examples("persd", task, attempt, verdict, outcome, self.actors.tokenizer, self.fmt),
                 *attempt_examples("inpd", task, attempt, verdict, None, self.actors.tokenizer, self.fmt)]
         try:
             async with self.scheduler.turn("student"):
-                label, reference = await self.actors.student.completion_logprobs.remote(pair, attempt.adapter_version)
+                label, reference = await self.actors.student.completion_logprobs.remote(
+                    pair, self.ledger.student_version)
         except (VersionNotLoadedError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             return
         self.ledger.likelihoods(attempt.attempt_id, label, reference)

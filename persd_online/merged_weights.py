@@ -69,10 +69,10 @@ def read_adapter(adapter_dir: Path) -> LoraFactors:
                                for k, a in tensors.items() if ".lora_A." in k})
 
 
-def merged_weights(base: dict[str, torch.Tensor], adapter: LoraFactors,
-                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """W + s · B A for every weight the adapter changes (`base` holds at least those), cast to `dtype`."""
-    return {name: (base[name] + adapter.scale * (b @ a)).to(dtype) for name, (b, a) in adapter.factors.items()}
+def merged_weights(base: dict[str, torch.Tensor], adapter: LoraFactors) -> dict[str, torch.Tensor]:
+    """W + s · B A (float32) for every weight the adapter changes (`base` holds at least those); the engine
+    casts them to its own dtype as it loads them."""
+    return {name: base[name] + adapter.scale * (b @ a) for name, (b, a) in adapter.factors.items()}
 
 
 def _weight_name(adapter_key: str) -> str:

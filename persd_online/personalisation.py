@@ -90,7 +90,8 @@ class LabelDistance:
     tier: str
     label_ratio: float
     reference_ratio: float | None  # None: the task has no reference
-    label_logprob: float | None = None  # mean per token, under the attempt's adapter version (None: not measured)
+    # mean per token, under the version the student served when the label arrived (None: not measured)
+    label_logprob: float | None = None
     reference_logprob: float | None = None
 
 

@@ -1,7 +1,8 @@
 """The loop's roles on small fakes of the actors (no Ray, no engine): what happens to work under way when the
 run stops, and which version a generation asks for after the student restarted. Both rules were found by
 end-to-end runs (a label the teacher verified but the loop never counted; attempts of version 0 after a
-restart); these tests find them in a second."""
+restart); these tests find them in a second. The real stack (Ray actors, vLLM, sandbox, HTTP teacher, peft
+trainer) runs the same roles in tests/test_loop_e2e.py."""
 
 from __future__ import annotations
 
