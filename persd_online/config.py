@@ -84,10 +84,17 @@ class Resources(_Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor (a share of a core is fine).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
     max_restarts: int = Field(0, ge=-1, description="Times Ray restarts a dead actor (-1: without limit).")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the actor's process "
+                                "(Ray runtime_env), set before it starts; the colocated placement adds "
+                                "OMP_WAIT_POLICY=PASSIVE.")
 
     def ray_options(self) -> dict[str, Any]:
-        """These as keyword arguments of a Ray actor's `.options(...)`."""
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": self.max_restarts}
+        """These as keyword arguments of a Ray actor's `.options(...)` (`env` as its runtime_env)."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                   "max_restarts": self.max_restarts}
+        if self.env:
+            options["runtime_env"] = {"env_vars": dict(self.env)}
+        return options
 
 
 def _resources(**defaults: Any) -> Callable[[], Resources]:
@@ -132,6 +139,9 @@ class StudentConfig(_ActorSection):
         "lora: vLLM LoRA, several versions in one batch; plain: the checkpoint's weights only (version 0).")
     max_lora_rank: int = Field(16, ge=1)
     max_loras: int = Field(3, ge=1, description="Adapter versions kept loaded at once.")
+    sleep_mode: bool = Field(False, description="GPU engines: vLLM's sleep mode, the engine asleep (level 1: KV "
+                             "cache freed, weights offloaded) during training phases; the colocated placement "
+                             "on a GPU turns it on.")
 
     @model_validator(mode="before")
     @classmethod
@@ -421,6 +431,10 @@ class Config(_Section):
     cache_dir: Path | None = Field(None, description="Model cache (None: $PERSD_ONLINE_CACHE or ~/.cache).")
     method: Literal["persd", "persd_refine", "persd_combine"] = "persd"
     max_staleness: int = Field(1, ge=0, description="Versions an attempt may lag the trainer and still train.")
+    placement: Literal["auto", "disaggregated", "colocated"] = Field(
+        "auto", description="disaggregated: the student and the trainer on devices of their own, at once; "
+        "colocated: on the same cores or GPU, taking turns; auto: colocated where they would share devices "
+        "(one machine's CPU cores, or one GPU). See persd_online/placement.py.")
     checkpoint_every_s: float = Field(60.0, gt=0, description="Checkpoint the whole run this often (and at the end).")
     seed: int = 0
     student: StudentConfig = Field(default_factory=StudentConfig)

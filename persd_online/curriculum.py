@@ -151,6 +151,10 @@ class Curriculum:
         self.in_flight.update(p.task_id for p in picks)
         return picks
 
+    def has_free(self) -> bool:
+        """Whether `next` would pick a task now (an active task not in flight)."""
+        return any(s.state == "active" and t not in self.in_flight for t, s in self.stats.items())
+
     def record_attempt(self, task_id: str, version: int, passed: bool) -> None:
         """One scored attempt of a task by adapter `version`."""
         stats = self.stats[task_id]

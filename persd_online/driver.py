@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,13 @@ from persd_online.config import Config
 from persd_online.evaluator import EvaluatorActor, check_disjoint, describe_change
 from persd_online.executor import SandboxExecutor
 from persd_online.loop import Actors, LoopState, OnlineLoop
+from persd_online.metrics import LoopMetrics
 from persd_online.models import resolve_model
+from persd_online.phase_gate import start_phase_gate
+from persd_online.placement import Placement, place, resolve
 from persd_online.report import base_vs_final, build_report
 from persd_online.run_dir import RunDir
+from persd_online.scheduler import ColocatedScheduler, ConcurrentScheduler, Scheduler
 from persd_online.student import start_student, stop_student
 from persd_online.summary import RunSummary
 from persd_online.tasks import Task, load_tasks
@@ -36,10 +42,11 @@ from sandbox.ray_pool import SandboxActor
 log = logging.getLogger(__name__)
 
 
-def connect(config: Config) -> None:
-    """Join the configured cluster, a running one, or start a local Ray."""
+def connect(config: Config) -> bool:
+    """Join the configured cluster, a running one, or start a local Ray; True if Ray runs on this machine only
+    (started here, or already initialised in this process)."""
     if ray.is_initialized():
-        return
+        return len(ray.nodes()) == 1
     # Never let a nested Ray start write an auth token that `ray job submit` would then demand.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = config.ray.address
@@ -47,7 +54,7 @@ def connect(config: Config) -> None:
         try:
             context = ray.init(address="auto", namespace=config.ray.namespace, log_to_driver=True)
             log.info("joined the running Ray cluster; dashboard: %s", dashboard_url(context))
-            return
+            return len(ray.nodes()) == 1
         except ConnectionError:
             address = "local"
     if address == "local":
@@ -57,9 +64,10 @@ def connect(config: Config) -> None:
                            log_to_driver=True)
         log.info("started a local Ray with %d CPUs (actors ask for %.1f); dashboard: %s", cpus, needed,
                  dashboard_url(context))
-    else:
-        context = ray.init(address=address, namespace=config.ray.namespace)
-        log.info("joined the Ray cluster at %s; dashboard: %s", address, dashboard_url(context))
+        return True
+    context = ray.init(address=address, namespace=config.ray.namespace)
+    log.info("joined the Ray cluster at %s; dashboard: %s", address, dashboard_url(context))
+    return len(ray.nodes()) == 1
 
 
 def dashboard_url(context: Any) -> str:
@@ -85,7 +93,7 @@ def _tasks(config: Config) -> tuple[list[Task], dict[str, list[Task]]]:
 
 
 def _start_actors(config: Config, run: RunDir, heldout: dict[str, list[Task]],
-                  state: LoopState | None) -> Actors:
+                  state: LoopState | None, gate: ray.actor.ActorHandle | None) -> Actors:
     from transformers import AutoTokenizer
 
     model_path = resolve_model(config.student.model, config.cache_dir)
@@ -96,7 +104,7 @@ def _start_actors(config: Config, run: RunDir, heldout: dict[str, list[Task]],
     executor = SandboxExecutor(sandbox, config.sandbox.timeout_s)
     student = start_student(config.student, model_path, run.root / "student")
     teacher = start_teacher_actor(config.teacher, run.teacher_cache, executor, student, config.student.prompt_format,
-                                  state.teacher if state else None)
+                                  state.teacher if state else None, gate)
     examples = Queue(maxsize=2 * config.trainer.batch_examples * config.trainer.publish_every_steps)
     trainer = start_trainer(config, model_path, run.root, examples)
     evaluator = EvaluatorActor.options(**config.eval.resources.ray_options()).remote(
@@ -105,18 +113,52 @@ def _start_actors(config: Config, run: RunDir, heldout: dict[str, list[Task]],
                   examples=examples, tokenizer=AutoTokenizer.from_pretrained(model_path))
 
 
+def _scheduler(placement: Placement, actors: Actors, gate: ray.actor.ActorHandle | None,
+               sleep_mode: bool) -> Callable[[LoopMetrics], Scheduler]:
+    """The loop's scheduler for `placement`."""
+    if placement == "disaggregated" or gate is None:
+        return ConcurrentScheduler
+    handover = Handover(gate, actors.student, sleep_mode)
+    return lambda metrics: ColocatedScheduler(metrics, handover)
+
+
+@dataclass
+class Handover:
+    """The colocated scheduler's `Engine`: at a training phase, close the phase gate (self-repairs wait, those
+    under way finish) and, on a GPU, put the engine to sleep; at a generation phase, the reverse."""
+
+    gate: ray.actor.ActorHandle
+    student: ray.actor.ActorHandle
+    sleep_mode: bool
+
+    async def sleep(self) -> None:
+        await self.gate.close.remote()
+        if self.sleep_mode:
+            await self.student.sleep.remote()
+
+    async def wake_up(self) -> None:
+        if self.sleep_mode:
+            await self.student.wake_up.remote()
+        await self.gate.open.remote()
+
+
 def _execute(config: Config, run: RunDir, state: LoopState | None) -> RunSummary:
     started = time.monotonic()
-    connect(config)
+    local = connect(config)
+    placement = resolve(config, ray.cluster_resources().get("GPU", 0.0), local)
+    config = place(config, placement)
+    log.info("placement: %s (config: %s; persd_online/placement.py)", placement, config.placement)
     pool, heldout = _tasks(config)
     run.event("start", pool=config.tasks.pool, tasks=len(pool), heldout={k: len(v) for k, v in heldout.items()},
-              teacher=config.teacher.kinds, resumed=state is not None)
+              teacher=config.teacher.kinds, resumed=state is not None, placement=placement)
     if "reference_oracle" in config.teacher.kinds:
         log.warning("teacher.tiers includes reference_oracle: its refinements are the tasks' reference solutions, "
                     "an ORACLE baseline (InpD), not PERsD; the default tiers [self, reference_repair] personalise.")
-    actors = _start_actors(config, run, heldout, state)
+    gate = start_phase_gate() if placement == "colocated" else None
+    actors = _start_actors(config, run, heldout, state, gate)
     try:
-        loop = OnlineLoop(config, run, pool, actors, state, startup_s=time.monotonic() - started)
+        loop = OnlineLoop(config, run, pool, actors, state, startup_s=time.monotonic() - started,
+                          scheduler=_scheduler(placement, actors, gate, config.student.sleep_mode))
         summary = asyncio.run(loop.run())
     finally:
         stop_student(actors.student)

@@ -96,6 +96,14 @@ class GenerationEngine(Protocol):
         """The engine's own metrics by name (vLLM's, summed over labels); empty where none are read here."""
         ...
 
+    def sleep(self) -> None:
+        """Free the device for another process (vLLM sleep level 1: KV cache dropped, weights offloaded)."""
+        ...
+
+    def wake_up(self) -> None:
+        """Take the device back after `sleep`, weights as they were."""
+        ...
+
     def shutdown(self) -> None:
         """Release the engine's processes, memory and connections."""
         ...
@@ -228,6 +236,7 @@ class VllmEngine:
             # Ends generations that loop (persd_online.repetition); outputs that end normally are unchanged.
             logits_processors=[make_processor()] if config.stop_repetition else None,
             disable_log_stats=False,  # keeps vLLM's metrics (`get_metrics`) and its periodic throughput log
+            enable_sleep_mode=config.sleep_mode,
         )
         self._serving = config.serving
         self._model_path = model_path
@@ -340,6 +349,15 @@ class VllmEngine:
             [out] = self._llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)
         pairs = zip(token_ids[1:], out.prompt_logprobs[1:], strict=True)
         return [ranked[token].logprob for token, ranked in pairs]
+
+    def sleep(self) -> None:
+        # Level 1, never 2: level 2 discards the weights, and with them LoRA state (veRL PR #3461; SkyRL forces
+        # level 1 with LoRA). The student re-checks delivery after each wake-up (vLLM #53888).
+        self._llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self._llm.wake_up()
+        self._llm.reset_prefix_cache()
 
     def shutdown(self) -> None:
         # Without an explicit shutdown a multiprocess engine core leaks its /dev/shm segments.

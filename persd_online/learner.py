@@ -117,6 +117,12 @@ class Learner:
         logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, labels[keep], reduction="sum")
 
+    def release_cache(self) -> None:
+        """Hand the GPU memory torch's allocator caches (activations, gradients of past steps) back to the device,
+        for a colocated engine to wake into; nothing on CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def save_adapter(self, directory: Path) -> None:
         """Write the LoRA adapter (peft's `save_pretrained`) into `directory`."""
         self.model.save_pretrained(str(directory))

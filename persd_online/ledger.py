@@ -177,6 +177,13 @@ class Ledger:
         """Admitted attempts not yet released."""
         return self.gate.in_flight
 
+    def can_admit(self) -> bool:
+        """Whether `admit()` would grant a task now (it changes nothing): the staleness gate has room for one
+        task's attempts and an active task is free."""
+        n = self.settings.samples_per_task
+        return self.curriculum.has_free() and self.gate.can_admit(
+            self.student_version, self.trainer_version, self.backlog, unit=n, starved=self.starved)
+
     def idle(self) -> bool:
         """Nothing admitted is still on its way (no attempt in flight, no task picked)."""
         return self.in_flight == 0 and not self.curriculum.in_flight

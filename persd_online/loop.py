@@ -2,15 +2,16 @@
 
     ledger.admit ─picks→ student.generate ─attempts→ sandbox ─→ ledger.scored ─failures→ refine queue
     refine queue → teacher (verifies in the sandbox) → ledger.refined ─examples→ example queue → trainer
-    trainer ─publishes adapters/vNNNN→ version watcher → student.load_adapter (checked) → evaluator (optional)
+    example queue → trainer turns ─publish adapters/vNNNN→ version watcher → student.load_adapter (checked)
+    → evaluator (optional)
 
 Every decision and count lives in the ledger (`ledger.py`, pure and unit-tested): what to admit, what is in
 flight, the curriculum, labels, the budget. This module only runs the roles, each a short coroutine: one
-generator, `teacher.max_concurrency` refiners, a version watcher and a reporter (metrics, display,
-checkpoints); the trainer runs in its own actor, pulling from the example queue. When a stage's work may run
-is the scheduler's call (`scheduler.py`: one placement, one scheduler). Backpressure is one rule: the
-ledger admits attempts only while they fit the staleness gate; every queue behind it holds at most the
-attempts in flight.
+generator, `teacher.max_concurrency` refiners, a trainer role that gives the trainer actor its turns (it pulls
+the example queue itself), a version watcher and a reporter (metrics, display, checkpoints). When a stage's work
+may run is the scheduler's call (`scheduler.py`: one placement, one scheduler; the trainer's turns come when the
+scheduler says training is due). Backpressure is one rule: the ledger admits attempts only while they fit the
+staleness gate; every queue behind it holds at most the attempts in flight.
 
 Failure handling: a teacher outage (`TeacherUnavailable`) pauses refinement with exponential backoff and
 resumes by itself; a spent teacher budget stops the run; a restarted student is given back the version it
@@ -59,6 +60,7 @@ T = TypeVar("T")
 
 REPORT_EVERY_S = 5.0
 WATCH_EVERY_S = 1.0
+TRAIN_POLL_S = 0.2
 IDLE_WAIT_S = 0.5
 OUTAGE_BACKOFF_S = (2.0, 60.0)
 STUDENT_RESTART_TIMEOUT_S = 600.0
@@ -112,6 +114,8 @@ class OnlineLoop:
         self.stop = asyncio.Event()
         self.stop_reason = ""
         self._reload_lock = asyncio.Lock()
+        self._swap_lock = asyncio.Lock()
+        self._new_version = asyncio.Event()  # set by a training turn that published: the watcher swaps at once
         self._last_call_s = 0.0  # the longest generation call so far (the wall budget's reserve)
         self._trainer_busy_s = 0.0  # the trainer's busy seconds at its last report
         self._trainer_seen = 0.0  # the start of the last trainer step put on the timeline
@@ -120,6 +124,7 @@ class OnlineLoop:
     async def _generate(self) -> None:
         n = self.config.student.samples_per_task
         while not self.stop.is_set():
+            await self._serve_latest()  # a version published meanwhile first (colocated: between the phases)
             picks = self.ledger.admit()
             if not picks:
                 self._check_stop()
@@ -181,12 +186,34 @@ class OnlineLoop:
             if outcome.verified is not None and task.reference is not None:
                 await self._measure_likelihoods(task, attempt, verdict, outcome)
 
+    async def _train(self) -> None:
+        turn = self.scheduler.training
+        while not self.stop.is_set():
+            if not self.scheduler.training_due(self.ledger):
+                await asyncio.sleep(TRAIN_POLL_S)
+                continue
+            async with self.scheduler.turn("trainer"):
+                stats = await self.actors.trainer.train.remote(turn.wait_s, turn.until_publish)
+            self._take_trainer_stats(stats, self.actors.examples.qsize())
+            if stats["version"] > self.ledger.trainer_version:
+                self._new_version.set()
+
     async def _watch_versions(self) -> None:
         while not self.stop.is_set():
+            await self._serve_latest()
+            try:
+                await asyncio.wait_for(self._new_version.wait(), WATCH_EVERY_S)
+            except TimeoutError:
+                pass
+            self._new_version.clear()
+
+    async def _serve_latest(self) -> None:
+        """Swap the student to the trainer's newest published version, if it serves an older one (the watcher and
+        the generator both ask; one swap at a time)."""
+        async with self._swap_lock:
             self.ledger.published(adapters.latest(self.run_dir.adapters))
-            if self.ledger.trainer_version > self.ledger.student_version:
+            if self.ledger.trainer_version > self.ledger.student_version and not self.stop.is_set():
                 await self._swap(self.ledger.trainer_version)
-            await asyncio.sleep(WATCH_EVERY_S)
 
     async def _report(self, display: ProgressDisplay) -> None:
         last_checkpoint = time.monotonic()
@@ -235,7 +262,8 @@ class OnlineLoop:
 
     async def _swap(self, version: int) -> None:
         path = str(adapters.version_dir(self.run_dir.adapters, version))
-        report = await self._with_student(lambda: self.actors.student.load_adapter.remote(version, path))
+        async with self.scheduler.turn("student"):
+            report = await self._with_student(lambda: self.actors.student.load_adapter.remote(version, path))
         self.ledger.served(version)
         self.metrics.set("adapter_version", version)
         self.run_dir.event("swap", version=version, load_s=report.load_s, probe_s=report.probe_s,
@@ -301,7 +329,9 @@ class OnlineLoop:
 
     async def _pull_trainer_stats(self) -> None:
         queued = self.actors.examples.qsize()  # before the stats: an example moving meanwhile counts twice, not 0
-        stats = await self.actors.trainer.stats.remote()
+        self._take_trainer_stats(await self.actors.trainer.stats.remote(), queued)
+
+    def _take_trainer_stats(self, stats: dict[str, Any], queued: int) -> None:
         self.ledger.trainer_reported(stats, queued)
         self.metrics.sync(self.ledger.counts)
         for name in ("loss", "train_tokens_per_s"):
@@ -357,14 +387,14 @@ class OnlineLoop:
         self.ledger.published(adapters.latest(self.run_dir.adapters))
         if self.ledger.student_version < self.ledger.trainer_version:
             await self._swap(self.ledger.trainer_version)
-        if not self.evals:
-            await self._evaluate(self.ledger.student_version)
-        self.actors.trainer.run.remote()
         with ProgressDisplay(self.metrics, f"persd-online {self.run_dir.root.name}") as display:
+            display.refresh()  # from the first second: the baseline evaluation draws its own bar below the table
+            if not self.evals:
+                await self._evaluate(self.ledger.student_version)
             refiners = [asyncio.create_task(self._guard("teacher", self._refine()))
                         for _ in range(self.config.teacher.max_concurrency)]
             roles = [asyncio.create_task(self._guard(name, c)) for name, c in (
-                ("student", self._generate()), ("adapter swap", self._watch_versions()),
+                ("student", self._generate()), ("trainer", self._train()), ("adapter swap", self._watch_versions()),
                 ("reporter", self._report(display)))]
             await self.stop.wait()
             # the refiners finish the calls under way (see `_until_stopped`)
@@ -379,8 +409,9 @@ class OnlineLoop:
         return await self._wrap_up()
 
     async def _wrap_up(self) -> RunSummary:
-        await self.actors.trainer.stop.remote()
-        await self._pull_trainer_stats()
+        async with self.scheduler.turn("trainer"):
+            stats = await self.actors.trainer.finish.remote()  # a last step, the last version, a checkpoint
+        self._take_trainer_stats(stats, self.actors.examples.qsize())
         self.ledger.published(adapters.latest(self.run_dir.adapters))
         if self.ledger.trainer_version > self.ledger.student_version:
             await self._swap(self.ledger.trainer_version)
@@ -425,5 +456,6 @@ class OnlineLoop:
             heldout=self.evals, heldout_change=heldout_change(self.evals),
             trained_tasks=len(self.ledger.trained_tasks), trained_task_pass_before=before,
             trained_task_pass_after=after, stage_busy_fraction=self.metrics.busy_fractions(),
-            wall_s=round(self._wall(), 1), curriculum=self.ledger.curriculum.counts(), teacher=teacher,
+            wall_s=round(self._wall(), 1), placement=self.scheduler.placement,
+            curriculum=self.ledger.curriculum.counts(), teacher=teacher,
             personalisation=summarise(self.ledger.distances))

@@ -50,17 +50,33 @@ class StalenessGate:
         `backlog` examples waiting at the trainer (`starved`: it waits for more to fill a step); the caller
         must `finish` each admitted attempt once its examples are handed to the trainer (or it was not made
         after all)."""
-        lag = trainer_version - student_version
-        if lag > self.max_staleness:
+        room = self._room(student_version, trainer_version, backlog)
+        if room is None:
             return 0
-        room = self.capacity - lag * self.examples_per_version - self.in_flight - backlog
-        forced = starved and self.in_flight == 0 and room < unit <= wanted
+        forced = self._forced(room, unit, starved) and unit <= wanted
         if forced:
             room = unit
             self.forced += 1
         granted = max(0, min(wanted, room)) // unit * unit
         self.in_flight += granted
         return granted
+
+    def can_admit(self, student_version: int, trainer_version: int, backlog: int = 0, unit: int = 1,
+                  starved: bool = False) -> bool:
+        """Whether `admit` would grant `unit` attempts now (it changes nothing)."""
+        room = self._room(student_version, trainer_version, backlog)
+        return room is not None and (room >= unit or self._forced(room, unit, starved))
+
+    def _room(self, student_version: int, trainer_version: int, backlog: int) -> int | None:
+        """Attempts that fit now (rule 2); None when the student lags too far (rule 1)."""
+        lag = trainer_version - student_version
+        if lag > self.max_staleness:
+            return None
+        return self.capacity - lag * self.examples_per_version - self.in_flight - backlog
+
+    def _forced(self, room: int, unit: int, starved: bool) -> bool:
+        """The progress rule (3)."""
+        return starved and self.in_flight == 0 and room < unit
 
     def finish(self, count: int = 1) -> None:
         """`count` admitted attempts left the pipeline (trained, dropped, or passed without a label)."""

@@ -221,6 +221,23 @@ class Student:
         return SwapReport(version=version, path=str(path), load_s=loaded - start, probe_s=probed - loaded,
                           logprob_delta=delta, loaded_versions=tuple(self.loaded_versions()))
 
+    def sleep(self) -> None:
+        """Hand the device to the trainer (colocated on a GPU): the engine sleeps until `wake_up`."""
+        self.engine.sleep()
+
+    def wake_up(self) -> float:
+        """Take the device back, then re-run the delivery probe on the latest version: a version > 0 must still
+        move the probe away from version 0's log-probs (a wake-up has been reported to drop LoRA state
+        silently, vLLM #53888). Returns the probe's change against version 0; raises AdapterDeliveryError."""
+        self.engine.wake_up()
+        version = self.latest_version()
+        probe = self.engine.prompt_logprobs(self._probe, version)
+        delta = logprob_delta(probe, self._probes[0])
+        if version and delta <= DELIVERY_ATOL:
+            raise AdapterDeliveryError(f"after waking up, adapter version {version} no longer changes the probe "
+                                       f"against version 0 (max change {delta:.2e}): the engine lost its weights")
+        return delta
+
     def _evict(self) -> None:
         published = sorted(v for v in self._paths if v != 0)
         for version in published[:-self.config.max_loras]:
@@ -304,8 +321,7 @@ def start_student(config: StudentConfig, model_path: str | Path, work_dir: str |
                   timeout_s: float = START_TIMEOUT_S) -> ray.actor.ActorHandle:
     """A `Student` in a Ray actor, its engine started; raises TimeoutError if not ready within `timeout_s`."""
     actor = StudentActor.options(
-        **config.resources.ray_options(),
-        runtime_env={"env_vars": engine_env(config)},
+        **config.resources.ray_options() | {"runtime_env": {"env_vars": engine_env(config) | config.resources.env}},
     ).remote(config, str(model_path), str(work_dir), engine)
     try:
         ray.get(actor.latest_version.remote(), timeout=timeout_s)

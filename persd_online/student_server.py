@@ -127,5 +127,12 @@ class ServerEngine:
         ranked = response.choices[0].prompt_logprobs
         return [float(r[str(token)]["logprob"]) for token, r in zip(token_ids[1:], ranked[1:], strict=True)]
 
+    def sleep(self) -> None:
+        raise NotImplementedError("an external vLLM server is not put to sleep by the loop (placement.py: a "
+                                  "vllm_server student is never colocated)")
+
+    def wake_up(self) -> None:
+        self.sleep()
+
     def shutdown(self) -> None:
         self._client.close()

@@ -48,6 +48,8 @@ class RunSummary(BaseModel):
     trained_task_pass_after: float | None
     stage_busy_fraction: dict[str, float]
     wall_s: float
+    placement: str = Field("disaggregated", description="Where the student and the trainer ran: disaggregated "
+                           "(devices of their own, at once) or colocated (the same devices, taking turns).")
     curriculum: dict[str, int]
     teacher: dict[str, Any] = Field(description="The teacher cascade: its order, totals, and per tier: failures "
                                     "offered, tried, skipped, calls, verified labels, tokens, cost.")

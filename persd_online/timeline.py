@@ -2,7 +2,8 @@
 `stage_timeline.png`, pure (no I/O, no plotting).
 
 A busy interval is one unit of a stage's work: a scheduler turn in the loop (a generation call, a sandbox
-batch, a teacher refinement, an evaluation) or one optimizer step of the trainer, as (stage, start, end) in
+batch, a teacher refinement, an evaluation), one optimizer step of the trainer, or (colocated placement) one
+training phase, as (stage, start, end) in
 seconds since the epoch, recorded in `timeline.jsonl`. Throughput is a counter's increase per minute over
 fixed windows of the `metrics.jsonl` snapshots (attempts scored, teacher calls, examples trained).
 
@@ -19,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-STAGES = ("student", "evaluator", "sandbox", "teacher", "trainer")
+PHASE_STAGE = "training phase"  # the colocated placement's training phases (scheduler.ColocatedScheduler)
+STAGES = ("student", "evaluator", "sandbox", "teacher", "trainer", PHASE_STAGE)
 THROUGHPUT = {"attempts": "attempts scored", "teacher_calls": "teacher calls", "examples_trained": "examples trained"}
 
 

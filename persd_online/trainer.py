@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,6 @@ from persd_online.trainer_checkpoint import TrainerCheckpoints
 log = logging.getLogger(__name__)
 
 PULL_TIMEOUT_S = 0.5
-STOP_TIMEOUT_S = 600.0
 RECENT_STEPS = 256  # steps whose intervals `report` returns: more than take place between two reads
 
 
@@ -260,11 +260,18 @@ class LoraTrainer:
 
 
 class TrainerActor:
-    """A `LoraTrainer` in a Ray actor, pulling examples from a Ray queue until stopped.
+    """A `LoraTrainer` in a Ray actor; the loop gives it turns (`train`) and the examples come through a Ray queue.
 
-    `run()` is the long-running loop; `stats()`, `checkpoint()` and `stop()` are answered alongside it
-    (threaded actor; one lock serialises every change to the trainer). On `stop()` the trainer takes one
-    last step on what it holds, publishes any steps not yet published, and checkpoints.
+    `train()` is one turn: pull what has arrived, step while a full step is ready, publish when due. The loop's
+    trainer role calls it again and again: at once in the disaggregated placement (a turn waits up to `wait_s`
+    for examples), in training phases in the colocated one (a turn ends with the step that publishes a
+    version). `stats()` and `checkpoint()` are answered alongside a turn (threaded actor; one lock serialises
+    every change to the trainer). `finish()` takes one last step on what it holds, publishes any steps not yet
+    published, and checkpoints: nothing handed to the trainer is lost at the end of a run.
+
+    Every turn runs on one thread of its own: the actor's calls arrive on any of its threads, and optimizer steps
+    taken from several threads grew the process to 16 GB (glibc keeps a heap per thread, each as large as a
+    step's peak; an end-to-end run was OOM-killed).
     """
 
     def __init__(self, config: Config, model_path: str, root: str, queue: Any) -> None:
@@ -272,37 +279,48 @@ class TrainerActor:
         setup_process(config.trainer)
         self.trainer = LoraTrainer(config, model_path, root)
         self.queue = queue
-        self._lock = threading.RLock()  # re-entered by the last step taken under the stop path
-        self._stop = threading.Event()
-        self._running = False
-        self._done = threading.Event()
+        self._lock = threading.RLock()
+        self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-steps")
         self.queue_wait_s = 0.0
 
-    def run(self) -> dict[str, Any]:
-        """Train on the queue until `stop()`; returns the final stats."""
-        self._running = True
-        try:
-            while not self._stop.is_set():
-                self._pull()
-                while self.trainer.ready() and not self._stop.is_set():
-                    self._step()
-            self._pull(block=False)
-            with self._lock:
-                if self.trainer.examples.fresh:
-                    self._step()
-                if self.trainer.pending_steps():
-                    self.trainer.publish()
-                self.trainer.save_checkpoint()
-        finally:
-            self._done.set()
+    def train(self, wait_s: float = PULL_TIMEOUT_S, until_publish: bool = False) -> dict[str, Any]:
+        """One turn: pull the queue (waiting up to `wait_s` for an example when no step is ready), then step while
+        a full step is ready, pulling what arrives meanwhile; with `until_publish`, end after the step that
+        publishes a version. Returns the stats."""
+        return self._steps.submit(self._turn, wait_s, until_publish).result()
+
+    def finish(self) -> dict[str, Any]:
+        """The end of a run: a last step on what is held, the steps not yet published as a version, a
+        checkpoint. Returns the final stats."""
+        return self._steps.submit(self._finish).result()
+
+    def _turn(self, wait_s: float, until_publish: bool) -> dict[str, Any]:
+        self._pull(wait_s if not self.trainer.ready() else 0.0)
+        while self.trainer.ready():
+            published = self._step()
+            if published and until_publish:
+                break
+            self._pull(0.0)
+        self.trainer.learner.release_cache()
         return self.stats()
 
-    def _pull(self, block: bool = True) -> None:
+    def _finish(self) -> dict[str, Any]:
+        self._pull(0.0)
+        with self._lock:
+            if self.trainer.examples.fresh:
+                self.trainer.train_step()
+            if self.trainer.pending_steps():
+                self.trainer.publish()
+            self.trainer.save_checkpoint()
+        self.trainer.learner.release_cache()
+        return self.stats()
+
+    def _pull(self, wait_s: float) -> None:
         from ray.util.queue import Empty
 
         start = time.monotonic()
         try:
-            items = [self.queue.get(block=True, timeout=PULL_TIMEOUT_S)] if block else []
+            items = [self.queue.get(block=True, timeout=wait_s)] if wait_s > 0 else []
             waiting = self.queue.qsize()
             if waiting:
                 items += self.queue.get_nowait_batch(waiting)
@@ -312,13 +330,16 @@ class TrainerActor:
         with self._lock:
             self.trainer.add(items)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One optimizer step; True if it published a version."""
         with self._lock:
             self.trainer.train_step()
-            if self.trainer.publish_due():
+            published = self.trainer.publish_due()
+            if published:
                 self.trainer.publish()
             if self.trainer.stats.train_steps % self.trainer.config.checkpoint_every_steps == 0:
                 self.trainer.save_checkpoint()
+            return published
 
     def stats(self) -> dict[str, Any]:
         """Counters and last-step figures (loss, tokens/s, examples/s, step time, queue wait, buffer sizes)."""
@@ -328,14 +349,6 @@ class TrainerActor:
         """Checkpoint now; returns the checkpoint directory."""
         with self._lock:
             return str(self.trainer.save_checkpoint())
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, Any]:
-        """End `run()` (last step, last version, checkpoint) and wait for it; returns the final stats."""
-        self._stop.set()
-        if self._running:
-            if not self._done.wait(timeout_s):
-                raise TimeoutError(f"the trainer did not stop within {timeout_s:.0f} s")
-        return self.stats()
 
 
 def start_trainer(config: Config, model_path: str | Path, root: str | Path, queue: Any,

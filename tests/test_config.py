@@ -35,6 +35,17 @@ def test_cluster_example_validates():
     assert config.trainer.dtype == "bfloat16" and config.eval.limit is None
 
 
+def test_single_gpu_example_is_colocated_on_one_gpu_with_the_engine_asleep_while_training():
+    from persd_online.placement import place, resolve
+
+    config = load_config(CONFIGS / "single-gpu.yaml")
+    assert resolve(config, gpus=1, local=True) == "colocated"
+    assert resolve(config.model_copy(update={"placement": "auto"}), gpus=1, local=False) == "colocated"
+    placed = place(config, "colocated")
+    assert placed.student.sleep_mode and placed.trainer.device == "cuda"
+    assert placed.student.resources.num_gpus + placed.trainer.resources.num_gpus <= 1
+
+
 def test_overrides_parse_yaml_values():
     config = load_config(None, ["trainer.lr=1e-4", "eval.tasks=[mbpp:test, humaneval]", "trainer.lora.r=8",
                                 "teacher.tiers=[{kind: reference_repair}, {kind: openai, base_url: 'http://h/v1', "

@@ -176,6 +176,19 @@ def test_a_killed_student_restarts_with_the_latest_adapter(run) -> None:
     assert after and min(after) >= resent  # not version 0 again: the adapter was re-sent
 
 
+def test_colocated_the_student_and_the_trainer_take_turns(run) -> None:
+    root, summary, events, _ = run
+    assert kinds(events, "start")[0]["placement"] == summary["placement"] == "colocated"  # auto, on one machine
+    timeline = list(read_jsonl(root / "timeline.jsonl"))
+    steps = [(i["start"], i["end"]) for i in timeline if i["stage"] == "trainer"]
+    generation = [(i["start"], i["end"]) for i in timeline if i["stage"] in ("student", "evaluator")]
+    phases = [i for i in timeline if i["stage"] == "training phase"]
+    assert steps and generation and phases
+    # an optimizer step (the trainer's clock) never overlaps a generation or evaluation turn (the driver's)
+    overlaps = [(s, g) for s in steps for g in generation if s[0] < g[1] - 0.01 and g[0] < s[1] - 0.01]
+    assert not overlaps, overlaps[:3]
+
+
 def test_run_directory_contract(run) -> None:
     root, summary, _, _ = run
     for key in ("adapters_published", "adapters_loaded_by_student", "attempts", "attempts_passed", "teacher_calls",

@@ -6,6 +6,7 @@ import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
@@ -42,7 +43,8 @@ class ScriptedEngine:
         self.text = text
         self.lists_new_adapters = lists_new_adapters
         self.effects: dict[int, float] = {}
-        self.calls: list[tuple[list[list[int]], list[int], int, Sampling]] = []
+        self.calls: list[Any] = []
+        self.loses_adapters_at_wake = False
 
     def metrics(self) -> dict[str, float]:
         return {}
@@ -65,6 +67,14 @@ class ScriptedEngine:
 
     def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
         return [-1.0 - self.effects[version or 0]] * (len(token_ids) - 1)
+
+    def sleep(self) -> None:
+        self.calls.append("sleep")
+
+    def wake_up(self) -> None:
+        self.calls.append("wake")
+        if self.loses_adapters_at_wake:  # vLLM #53888: a wake-up that silently dropped the LoRA state
+            self.effects = dict.fromkeys(self.effects, 0.0)
 
     def shutdown(self) -> None:
         self.effects.clear()
@@ -161,6 +171,21 @@ def test_an_adapter_without_effect_or_not_listed_is_not_delivered(student_model,
     with pytest.raises(AdapterDeliveryError, match="does not list it"):
         student.load_adapter(3, publish(tmp_path, 3, effect=0.9))
     assert student.loaded_versions() == [0] and set(deaf.effects) == {0}
+
+
+def test_a_wake_up_rechecks_delivery_and_refuses_an_engine_that_lost_its_adapter(student_model, work_dir, tmp_path):
+    engine = ScriptedEngine()
+    student = make_student(student_model, work_dir, engine)
+    student.sleep()
+    assert student.wake_up() == 0.0  # version 0 only: nothing to lose
+    student.load_adapter(1, publish(tmp_path, 1, effect=0.5))
+    student.sleep()
+    assert student.wake_up() == pytest.approx(0.5)
+    engine.loses_adapters_at_wake = True
+    student.sleep()
+    with pytest.raises(AdapterDeliveryError, match="after waking up, adapter version 1 no longer changes the probe"):
+        student.wake_up()
+    assert [c for c in engine.calls if isinstance(c, str)] == ["sleep", "wake"] * 3
 
 
 def test_the_last_max_loras_versions_and_version_0_are_held(student_model, work_dir, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -224,30 +223,28 @@ def test_trainer_actor_streams_from_a_ray_queue(student_model, tmp_path, tokeniz
     try:
         queue = Queue(maxsize=16)
         actor = start_trainer(make_config(batch_examples=2), student_model, tmp_path, queue)
-        running = actor.run.remote()
-        for example in examples(tokenizer, version=0):
+        made = examples(tokenizer, version=0)
+        for example in [*made, *(e.model_copy(update={"example_id": f"more-{e.example_id}"}) for e in made[:2])]:
             queue.put(example)
-        deadline = time.monotonic() + 300
-        while ray.get(actor.stats.remote())["train_steps"] < 2 and time.monotonic() < deadline:
-            time.sleep(1)
-        stats = ray.get(actor.stop.remote())
-        ray.get(running)
+        # a colocated training phase: it ends with the step that publishes (2 steps of 2), though a third is ready
+        stats = ray.get(actor.train.remote(wait_s=5.0, until_publish=True), timeout=300)
         assert stats["train_steps"] == 2 and stats["examples_trained"] == 4 and stats["version"] == 1
-        assert stats["loss"] > 0 and stats["train_tokens_per_s"] > 0
+        assert stats["loss"] > 0 and stats["train_tokens_per_s"] > 0 and stats["ready"]
+        # a disaggregated turn: every ready step; the third is not due to publish
+        stats = ray.get(actor.train.remote(wait_s=0.0), timeout=300)
+        assert (stats["train_steps"], stats["version"], stats["ready"]) == (3, 1, False)
         assert published_versions(tmp_path / "adapters") == [1]
-        # A second actor over the same directory resumes; stopping with one example pending trains it in a
+        stats = ray.get(actor.finish.remote(), timeout=300)  # the unpublished step becomes a version
+        assert (stats["train_steps"], stats["version"]) == (3, 2)
+        # A second actor over the same directory resumes; finishing with one example pending trains it in a
         # last step and publishes it, so nothing handed to the trainer is lost.
         ray.kill(actor)
         actor = start_trainer(make_config(batch_examples=2), student_model, tmp_path, queue)
-        assert ray.get(actor.stats.remote())["train_steps"] == 2
-        running = actor.run.remote()
+        assert ray.get(actor.stats.remote())["train_steps"] == 3
         queue.put(examples(tokenizer, version=1)[0].model_copy(update={"example_id": "new"}))
-        while queue.qsize():
-            time.sleep(0.5)
-        stats = ray.get(actor.stop.remote(), timeout=300)
-        ray.get(running, timeout=60)
-        assert stats["train_steps"] == 3 and stats["version"] == 2
-        assert published_versions(tmp_path / "adapters") == [1, 2]
+        stats = ray.get(actor.finish.remote(), timeout=300)
+        assert stats["train_steps"] == 4 and stats["version"] == 3
+        assert published_versions(tmp_path / "adapters") == [1, 2, 3]
         assert json.loads((tmp_path / "checkpoints" / "trainer.json").read_text())["latest"]
     finally:
         ray.shutdown()
