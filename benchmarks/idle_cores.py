@@ -4,12 +4,14 @@ CPU their processes burn while they wait (process CPU seconds over the wait, in 
 wait policy costs the work itself.
 
 OpenMP threads spin at barriers before they sleep: how long is the wait policy's business (`OMP_WAIT_POLICY`:
-unset = the runtime's default, PASSIVE = sleep at once, ACTIVE = spin). The colocated placement sets PASSIVE
-(`placement.py`); ACTIVE is the control that shows what spinning looks like in this measure.
+unset = the runtime's default, PASSIVE = sleep at once, ACTIVE = spin). ACTIVE is the control that shows what
+spinning looks like in this measure. What it found decided `placement.py`: the default already idles, and
+PASSIVE slowed the trainer, so the colocated placement sets no wait policy.
 
 For each policy, in one run: the student actor (vLLM, both cores, merged serving) generates the loop's first
 attempts for `--tasks` MBPP train tasks (2 samples each; tokens/s), then waits `--idle-s`; the trainer actor
-(peft LoRA, both cores) takes `--steps` optimizer steps on reference examples (s/step), then waits `--idle-s`.
+(peft LoRA, both cores) takes optimizer steps on `--steps` steps' worth of MBPP reference examples (mean s/step,
+after a warm-up step), then waits `--idle-s`.
 
 Writes `benchmarks/results/idle_cores.json` (per policy: idle cores used by each side, tokens/s, s/step; the
 baseline is the unset policy). Run: `python benchmarks/idle_cores.py` (about 3 minutes on 2 cores).
@@ -79,16 +81,16 @@ def measure(policy: dict[str, str], model: Path, args: argparse.Namespace) -> di
         try:
             from transformers import AutoTokenizer
 
-            made = stand_examples(tasks, AutoTokenizer.from_pretrained(model), "chat")
+            made = stand_examples(load_mbpp("train")[:200], AutoTokenizer.from_pretrained(model), "chat")
             per_step = trainer_config.trainer.batch_examples
-            for example in made[:per_step * args.steps]:
+            for example in made[:per_step]:
                 queue.put(example.model_copy(update={"adapter_version": 0}))
-            ray.get(trainer.train.remote(5.0))  # warm-up: the first step
-            for example in made[per_step * args.steps:per_step * (args.steps + 1)]:
-                queue.put(example.model_copy(update={"example_id": "again-" + example.example_id,
-                                                      "adapter_version": 0}))
+            before = ray.get(trainer.train.remote(5.0))  # warm-up: the first steps
+            for example in made[per_step:per_step * (args.steps + 1)]:
+                queue.put(example.model_copy(update={"adapter_version": 0}))
             stats = ray.get(trainer.train.remote(5.0))
-            out["trainer_s_per_step"] = stats["step_s"]
+            out["trainer_steps_timed"] = stats["train_steps"] - before["train_steps"]
+            out["trainer_s_per_step"] = (stats["busy_s"] - before["busy_s"]) / out["trainer_steps_timed"]
             out["trainer_idle_cores"] = idle_cores(trainer, args.idle_s)
         finally:
             ray.kill(trainer)
@@ -98,7 +100,7 @@ def measure(policy: dict[str, str], model: Path, args: argparse.Namespace) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--idle-s", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()

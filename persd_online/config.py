@@ -85,8 +85,7 @@ class Resources(_Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
     max_restarts: int = Field(0, ge=-1, description="Times Ray restarts a dead actor (-1: without limit).")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the actor's process "
-                                "(Ray runtime_env), set before it starts; the colocated placement adds "
-                                "OMP_WAIT_POLICY=PASSIVE.")
+                                "(Ray runtime_env), set before it starts, e.g. OMP_WAIT_POLICY.")
 
     def ray_options(self) -> dict[str, Any]:
         """These as keyword arguments of a Ray actor's `.options(...)` (`env` as its runtime_env)."""

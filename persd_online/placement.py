@@ -19,9 +19,12 @@
   among engines.
 
 `place(config, placement)` returns the config the actors get. Colocated, on CPU: both sections' core lists
-become their union (null if either is null: every core), and both processes set `OMP_WAIT_POLICY=PASSIVE`, so
-the OpenMP threads of the side whose turn it is not sleep instead of spinning at barriers (measured:
-`benchmarks/idle_cores.py`); on a GPU: vLLM's sleep mode is on (`student.sleep_mode`).
+become their union (null if either is null: every core); on a GPU: vLLM's sleep mode is on
+(`student.sleep_mode`). The side whose turn it is not is idle on CPU without further settings: measured
+(`benchmarks/idle_cores.py`), the waiting engine used 0.03 of a core and the waiting trainer 0.003 under the
+OpenMP runtime's default wait policy (its threads spin only briefly at a barrier, then sleep), while
+`OMP_WAIT_POLICY=PASSIVE` made the trainer's steps ~11% slower and idled no better (`ACTIVE`, the control,
+spun a whole core); so no wait policy is set (`*.resources.env` can set one).
 
 Invariants: `resolve` never returns `auto`; `place` does not change a disaggregated config; an explicit
 `colocated` that cannot run raises `ValueError` naming the key to change.
@@ -34,7 +37,6 @@ from typing import Literal
 from persd_online.config import Config
 
 Placement = Literal["disaggregated", "colocated"]
-PASSIVE_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def resolve(config: Config, gpus: float, local: bool) -> Placement:
@@ -71,8 +73,5 @@ def place(config: Config, placement: Placement) -> Config:
     if s.resources.num_gpus > 0:
         return config.model_copy(update={"student": s.model_copy(update={"sleep_mode": True})})
     cores = None if s.cpu_cores is None or t.cpu_cores is None else sorted(set(s.cpu_cores) | set(t.cpu_cores))
-    student = s.model_copy(update={"cpu_cores": cores, "resources": s.resources.model_copy(
-        update={"env": s.resources.env | PASSIVE_WAIT})})
-    trainer = t.model_copy(update={"cpu_cores": cores, "torch_threads": None, "resources": t.resources.model_copy(
-        update={"env": t.resources.env | PASSIVE_WAIT})})
-    return config.model_copy(update={"student": student, "trainer": trainer})
+    return config.model_copy(update={"student": s.model_copy(update={"cpu_cores": cores}),
+                                     "trainer": t.model_copy(update={"cpu_cores": cores, "torch_threads": None})})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from persd_online.config import load_config
-from persd_online.placement import PASSIVE_WAIT, place, resolve
+from persd_online.placement import place, resolve
 
 
 def test_auto_colocates_on_one_machine_cpu_and_on_a_shared_gpu() -> None:
@@ -31,17 +31,19 @@ def test_an_explicit_placement_wins_and_an_impossible_colocation_says_what_to_ch
                                    "student.server_url=http://x:8000"]), gpus=0, local=True)
 
 
-def test_colocated_on_cpu_gives_both_sides_every_core_and_passive_waiting() -> None:
+def test_colocated_on_cpu_gives_both_sides_every_core() -> None:
     config = load_config(None)  # student on core 0, trainer on core 1
     placed = place(config, "colocated")
     assert placed.student.cpu_cores == placed.trainer.cpu_cores == [0, 1]
     assert placed.trainer.torch_threads is None  # one per core of the union
-    for section in (placed.student, placed.trainer):
-        assert section.resources.env == PASSIVE_WAIT
-        assert section.resources.ray_options()["runtime_env"] == {"env_vars": PASSIVE_WAIT}
     assert not placed.student.sleep_mode
     assert place(config, "disaggregated") == config  # unchanged
-    assert "runtime_env" not in config.student.resources.ray_options()
+
+
+def test_resources_env_becomes_the_actors_runtime_env() -> None:
+    config = load_config(None, ["trainer.resources.env={OMP_WAIT_POLICY: PASSIVE}"])
+    assert config.trainer.resources.ray_options()["runtime_env"] == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    assert "runtime_env" not in config.student.resources.ray_options()  # none given: Ray's own
     unpinned = place(load_config(None, ["trainer.cpu_cores=null"]), "colocated")
     assert unpinned.student.cpu_cores is None and unpinned.trainer.cpu_cores is None  # every core
 
