@@ -18,17 +18,30 @@ pool's rate of new labels among re-fixes. A teacher that refines the student's o
 label almost every time (rate ~1: the term does not matter), while the reference oracle gives the same
 label every time (rate ~0: the curriculum moves on to tasks it has no label for, instead of re-picking a few
 tasks whose label it already trains on). Tasks attempted by an older adapter than the current one get a
-small bonus, since a re-attempt measures what training changed. The value is per teacher dollar: it is
-scaled by `free_label_usd / (free_label_usd + c)`, where `c` is the task's expected teacher cost per fix (what
-its refinements cost over its fixes, the pool's average as the prior), so with free tiers only the ranking
-is as above, and a task only a paid tier fixes ranks below one a free tier (self-repair, reference repair)
-fixes. The `uniform` policy picks active tasks at random, for comparison. Every pick carries its reason,
-which the loop writes to the events log.
+small bonus, since a re-attempt measures what training changed.
+
+The chance of a fix is per teacher tier. A failure goes down the cascade's tiers in order until one fixes it;
+for each tier `t` (in the order the tiers were first seen, which is the cascade's) the task has a posterior
+chance `p_t` that `t` fixes it (its fixes over its tries there, the pool's rate for `t` as the prior) and an
+expected cost per try `c_t` (likewise). Then
+
+    p_fix = 1 - prod_t (1 - p_t)        expected cost per failure = sum_t c_t * prod_{s before t} (1 - p_s)
+
+and the cost per fix is the expected cost per failure over `p_fix`. The value is per teacher dollar: it is
+scaled by `free_label_usd / (free_label_usd + cost per fix)`, so with free tiers only the ranking is as above,
+and a task only a paid tier fixes (it reaches the paid tier, and pays, every time) ranks below one a free tier
+(self-repair, reference repair) fixes. Outcomes recorded without tiers count in the task's overall fix rate,
+which stands in for `p_fix` (at no cost) until some tier has reported.
+
+The `uniform` policy picks active tasks at random, for comparison. Every pick carries its reason, which the
+loop writes to the events log.
 """
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -50,6 +63,7 @@ class TaskStats:
     teacher_repeats: int = 0  # fixes whose label the trainer already had
     teacher_failures: int = 0
     teacher_cost_usd: float = 0.0  # what all its refinements cost
+    tiers: dict[str, list[float]] = field(default_factory=dict)  # tier -> [tries, fixes, cost_usd]
     state: TaskState = "active"
 
     @property
@@ -57,18 +71,35 @@ class TaskStats:
         """Fixes after the first (the first is always a new label)."""
         return max(self.teacher_fixes - 1, 0)
 
-    def cost_per_fix(self, pool: PoolRates) -> float:
-        """Expected teacher dollars per fix: its refinements' cost over its fixes, the pool's as the prior."""
-        return (self.teacher_cost_usd + PRIOR_STRENGTH * pool.cost) / (self.teacher_fixes + PRIOR_STRENGTH)
+    def fix_and_cost(self, pool: PoolRates) -> tuple[float, float]:
+        """(p_fix, expected teacher dollars per fix) down the tiers in order (see the module docstring)."""
+        if not pool.tiers:  # no tier has reported (outcomes recorded without tiers): the task's overall rate
+            refined = self.teacher_fixes + self.teacher_failures
+            return (self.teacher_fixes + PRIOR_STRENGTH * pool.fix) / (refined + PRIOR_STRENGTH), 0.0
+        unfixed, cost = 1.0, 0.0
+        for tier, (pool_fix, pool_cost) in pool.tiers.items():
+            tries, fixes, spent = self.tiers.get(tier, (0.0, 0.0, 0.0))
+            cost += unfixed * (spent + PRIOR_STRENGTH * pool_cost) / (tries + PRIOR_STRENGTH)
+            unfixed *= 1 - (fixes + PRIOR_STRENGTH * pool_fix) / (tries + PRIOR_STRENGTH)
+        p_fix = 1 - unfixed
+        return p_fix, cost / p_fix if p_fix > 0 else math.inf
 
     def value(self, pool: PoolRates) -> tuple[float, float, float]:
         """Posterior means (p_fail, p_fix, p_new) with the pool's rates as the prior."""
         p_fail = (self.attempts - self.passes + PRIOR_STRENGTH * pool.fail) / (self.attempts + PRIOR_STRENGTH)
-        refined = self.teacher_fixes + self.teacher_failures
-        p_fix = (self.teacher_fixes + PRIOR_STRENGTH * pool.fix) / (refined + PRIOR_STRENGTH)
+        p_fix = self.fix_and_cost(pool)[0]
         p_new = 1.0 if not self.teacher_fixes else (
             (self.refixes - self.teacher_repeats + PRIOR_STRENGTH * pool.new) / (self.refixes + PRIOR_STRENGTH))
         return p_fail, p_fix, p_new
+
+
+@dataclass(frozen=True)
+class TierOutcome:
+    """What one tier did with one failed attempt: fixed it or not, at what cost."""
+
+    tier: str
+    fixed: bool
+    cost_usd: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +111,7 @@ class PoolRates:
     fail: float
     fix: float
     new: float
-    cost: float = 0.0  # teacher dollars per fix
+    tiers: dict[str, tuple[float, float]] = field(default_factory=dict)  # tier -> (fix rate, dollars per try)
 
 
 @dataclass(frozen=True)
@@ -100,6 +131,7 @@ class Curriculum:
     stats: dict[str, TaskStats]
     rng: random.Random = field(default_factory=random.Random)
     in_flight: set[str] = field(default_factory=set)
+    tier_order: list[str] = field(default_factory=list)  # the tiers in the order first seen (the cascade's)
 
     @classmethod
     def new(cls, task_ids: list[str], config: CurriculumConfig) -> Curriculum:
@@ -113,13 +145,17 @@ class Curriculum:
         refined = fixes + sum(t.teacher_failures for t in s)
         refixes = sum(t.refixes for t in s)
         repeats = sum(t.teacher_repeats for t in s)
+        tiers = {}
+        for tier in self.tier_order:
+            tries, tier_fixes, cost = (sum(t.tiers.get(tier, (0.0, 0.0, 0.0))[i] for t in s) for i in range(3))
+            tiers[tier] = ((tier_fixes + 1) / (tries + 2), cost / max(tries, 1))
         return PoolRates((fails + 1) / (attempts + 2), (fixes + 1) / (refined + 2),
-                         (refixes - repeats + 1) / (refixes + 1), sum(t.teacher_cost_usd for t in s) / max(fixes, 1))
+                         (refixes - repeats + 1) / (refixes + 1), tiers)
 
     def _value(self, stats: TaskStats, version: int, pool: PoolRates) -> tuple[float, str]:
         p_fail, p_fix, p_new = stats.value(pool)
         free = self.config.free_label_usd
-        value = p_fail * p_fix * p_new * free / (free + stats.cost_per_fix(pool))
+        value = p_fail * p_fix * p_new * free / (free + stats.fix_and_cost(pool)[1])
         if stats.attempts == 0:
             return value, "unseen"
         reason = f"learning value: student fails {p_fail:.2f}, teacher fixes {p_fix:.2f}, new label {p_new:.2f}"
@@ -170,11 +206,19 @@ class Curriculum:
             if stats.state == "retired":
                 stats.state = "active"
 
-    def record_teacher(self, task_id: str, verified: bool, new_label: bool = True, cost_usd: float = 0.0) -> None:
+    def record_teacher(self, task_id: str, verified: bool, new_label: bool = True,
+                       tiers: Sequence[TierOutcome] = ()) -> None:
         """The outcome of refining a failed attempt (after all its rounds and tiers); `new_label`: a verified
-        fix gave a label the trainer had not had yet; `cost_usd`: what its teacher calls cost."""
+        fix gave a label the trainer had not had yet; `tiers`: what each tier it reached did, in order."""
         stats = self.stats[task_id]
-        stats.teacher_cost_usd += cost_usd
+        for outcome in tiers:
+            if outcome.tier not in self.tier_order:
+                self.tier_order.append(outcome.tier)
+            counts = stats.tiers.setdefault(outcome.tier, [0.0, 0.0, 0.0])
+            counts[0] += 1
+            counts[1] += outcome.fixed
+            counts[2] += outcome.cost_usd
+            stats.teacher_cost_usd += outcome.cost_usd
         if verified:
             stats.teacher_fixes += 1
             stats.teacher_repeats += stats.teacher_fixes > 1 and not new_label
@@ -196,11 +240,13 @@ class Curriculum:
         return not any(s.state == "active" for s in self.stats.values())
 
     def state(self) -> dict[str, Any]:
-        return {"stats": {t: asdict(s) for t, s in self.stats.items()}, "rng": self.rng.getstate()}
+        return {"stats": {t: asdict(s) for t, s in self.stats.items()}, "rng": self.rng.getstate(),
+                "tier_order": list(self.tier_order)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], config: CurriculumConfig) -> Curriculum:
         rng = random.Random()
         version, internal, gauss = state["rng"]
         rng.setstate((version, tuple(internal), gauss))
-        return cls(config, {t: TaskStats(**s) for t, s in state["stats"].items()}, rng)
+        return cls(config, {t: TaskStats(**s) for t, s in state["stats"].items()}, rng,
+                   tier_order=list(state.get("tier_order", [])))

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from persd_online.config import BudgetConfig, Config, CurriculumConfig
-from persd_online.curriculum import Curriculum, Pick
+from persd_online.curriculum import Curriculum, Pick, TierOutcome
 from persd_online.labels import Labels
 from persd_online.metrics import COUNTERS
 from persd_online.personalisation import LabelDistance, label_distance
@@ -130,8 +130,7 @@ class Ledger:
         new_labels = self.labels.add(examples)
         self.counts["examples_distinct"] += new_labels
         self.counts["refinements_verified"] += verified
-        self.curriculum.record_teacher(task_id, verified, new_label=new_labels > 0,
-                                       cost_usd=sum(r.refinement.cost_usd for r in outcome.rounds))
+        self.curriculum.record_teacher(task_id, verified, new_label=new_labels > 0, tiers=tier_outcomes(outcome))
         if not outcome.rounds:  # the teacher had nothing to offer: as unfixable as a failed round
             self.curriculum.record_teacher(task_id, False)
         if examples:
@@ -231,3 +230,13 @@ class Ledger:
         if not self.refining[task_id]:
             del self.refining[task_id]
             self.curriculum.release(task_id)
+
+
+def tier_outcomes(outcome: RefinementOutcome) -> list[TierOutcome]:
+    """What each tier a failure reached did with it, in the cascade's order (its rounds, grouped by tier)."""
+    tiers: dict[str, TierOutcome] = {}
+    for r in outcome.rounds:
+        tier = r.refinement.teacher_kind
+        seen = tiers.get(tier, TierOutcome(tier, False))
+        tiers[tier] = TierOutcome(tier, seen.fixed or r.verdict.passed, seen.cost_usd + r.refinement.cost_usd)
+    return list(tiers.values())

@@ -123,3 +123,27 @@ def test_the_first_fix_is_always_a_new_label():
     cur = _curriculum(n=2)
     cur.record_teacher("t0", verified=True, new_label=False)  # e.g. resumed without the label set
     assert cur.stats["t0"].teacher_repeats == 0
+
+
+def test_the_chance_of_a_fix_and_its_cost_are_per_tier_down_the_cascade():
+    from persd_online.curriculum import TierOutcome
+
+    cur = _curriculum(n=3, recheck_prob=0.0)
+    for task in ("t0", "t1", "t2"):
+        cur.record_attempt(task, 0, passed=False)
+    for _ in range(3):  # t0: self-repair fixes it, free; t1: only the paid tier does, at $0.01 a call
+        cur.record_teacher("t0", True, tiers=[TierOutcome("self", True)])
+        cur.record_teacher("t1", True, tiers=[TierOutcome("self", False), TierOutcome("reference_repair", False),
+                                              TierOutcome("openai:m", True, 0.01)])
+    cur.record_teacher("t2", False, tiers=[TierOutcome("self", False), TierOutcome("reference_repair", False),
+                                           TierOutcome("openai:m", False, 0.01)])
+    assert cur.tier_order == ["self", "reference_repair", "openai:m"]
+    pool = cur._pool_rates()
+    (p0, c0), (p1, c1), (p2, c2) = (cur.stats[t].fix_and_cost(pool) for t in ("t0", "t1", "t2"))
+    assert p0 > 0.9 and c0 < 0.002  # fixed at the first, free tier: rarely reaches the paid one
+    assert p1 > 0.8 and c1 > 0.008  # as likely fixed, but every fix pays the strong tier
+    assert p2 < p1 and c2 > c1  # failed everywhere: less likely, dearer per fix
+    picks = cur.next(3, version=0)
+    assert [p.task_id for p in picks] == ["t0", "t1", "t2"]  # learning value per teacher dollar
+    restored = type(cur).from_state(json.loads(json.dumps(cur.state())), cur.config)
+    assert restored.tier_order == cur.tier_order and restored.stats["t1"].tiers == cur.stats["t1"].tiers

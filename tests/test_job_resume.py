@@ -1,6 +1,8 @@
 """A run submitted with `ray job submit` to a local `ray start --head` cluster, its driver killed (SIGKILL)
 mid-run, then resumed with `persd-online run --resume`: versions and counters continue, no published
-version is rewritten, and nothing is trained twice as fresh data."""
+version is rewritten, and nothing is trained twice as fresh data. It runs the disaggregated placement (the
+student on core 0 and the trainer on core 1, at once); tests/test_loop_e2e.py runs the colocated one, so both
+placements run on the real stack."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def overrides(runs_dir: Path) -> list[str]:
     return [f"runs_dir={runs_dir}", "name=jobrun", "tasks.limit=6", "eval.limit=1", "eval.max_new_tokens=32",
             "eval.every_versions=100", "student.max_new_tokens=192", "student.tasks_per_batch=6",
             "trainer.lr=1e-3", "trainer.warmup_steps=0", "trainer.publish_every_steps=1",
-            "checkpoint_every_s=10", "budget.max_wall_s=900"]
+            "checkpoint_every_s=10", "budget.max_wall_s=900", "placement=disaggregated"]
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:
@@ -101,3 +103,4 @@ def test_submitted_job_killed_then_resumed(student_model, tmp_path, cluster) -> 
     starts = [json.loads(line) for line in (root / "events.jsonl").read_text().splitlines()
               if '"kind": "start"' in line]
     assert [s["resumed"] for s in starts] == [False, True]
+    assert {s["placement"] for s in starts} == {summary["placement"]} == {"disaggregated"}

@@ -258,3 +258,19 @@ def test_random_event_orders_never_deadlock_go_negative_or_train_stale(events, s
         sim.step(action, choice, flag)
         sim.check()
     assert sim.drain_and_admit(), "nothing in flight, a free active task, and the ledger admits nothing"
+
+
+def test_a_refinement_tells_the_curriculum_what_each_tier_did():
+    from persd_online.curriculum import TierOutcome
+    from persd_online.ledger import tier_outcomes
+
+    def round_(tier: str, passed: bool, cost: float) -> VerifiedRound:
+        ref = Refinement(refinement_id=f"r-{tier}", attempt_id="a", task_id="t0", round=1, teacher_kind=tier,
+                         teacher_call_id="c", program="p", prompt_tokens=1, completion_tokens=1, cost_usd=cost)
+        return VerifiedRound(refinement=ref, verdict=Verdict(subject_id=ref.refinement_id, passed=passed,
+                                                             status="passed" if passed else "failed",
+                                                             feedback="", duration_s=0.0))
+
+    outcome = RefinementOutcome(attempt_id="a", task_id="t0", rounds=[
+        round_("self", False, 0.0), round_("openai:m", False, 0.01), round_("openai:m", True, 0.02)])
+    assert tier_outcomes(outcome) == [TierOutcome("self", False, 0.0), TierOutcome("openai:m", True, 0.03)]
