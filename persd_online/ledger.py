@@ -142,7 +142,7 @@ class Ledger:
 
     def likelihoods(self, attempt_id: str, label: float, reference: float) -> None:
         """The mean token log-probs of the attempt's label and of its task's reference, measured under the
-        attempt's adapter version."""
+        version the student serves when they are measured (the attempt's, or at most max_staleness newer)."""
         for i, d in enumerate(self.distances):
             if d.attempt_id == attempt_id:
                 self.distances[i] = dataclasses.replace(d, label_logprob=round(label, 4),

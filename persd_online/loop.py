@@ -44,7 +44,7 @@ from persd_online.formats import attempt_examples
 from persd_online.ledger import Ledger, LedgerSettings
 from persd_online.metrics import LoopMetrics, ProgressDisplay
 from persd_online.personalisation import summarise
-from persd_online.records import Attempt, Verdict
+from persd_online.records import Attempt, Example, Verdict
 from persd_online.run_dir import RunDir
 from persd_online.scheduler import ConcurrentScheduler, Scheduler
 from persd_online.student import VersionNotLoadedError
@@ -52,7 +52,7 @@ from persd_online.summary import RunSummary
 from persd_online.tasks import Task
 from persd_online.teacher import TeacherUnavailable
 from persd_online.trainer import fresh_per_version
-from persd_online.verify import Executor, RefinementOutcome
+from persd_online.verify import Executor
 from persd_online.wall_budget import last_full_eval, reserve_s
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ class OnlineLoop:
         self.wall_offset = (state.wall_s if state else 0.0) + startup_s  # the run's clock includes its start-up
         # unbounded on purpose: the ledger's admission bounds it (no more failures than attempts in flight)
         self.refine_queue: asyncio.Queue[tuple[Attempt, Verdict]] = asyncio.Queue()
+        # verified labels (attempt id, [label, reference] examples) whose likelihoods are not measured yet
+        self.to_measure: asyncio.Queue[tuple[str, list[Example]]] = asyncio.Queue()
         self.fmt = config.student.prompt_format
         self.refining = asyncio.Event()  # cleared while the teacher is out
         self.refining.set()
@@ -183,8 +185,10 @@ class OnlineLoop:
                 await self.actors.examples.put_async(example, timeout=None)
                 self.run_dir.event("example", example_id=example.example_id, task_id=task.task_id,
                                    method=example.method, version=example.adapter_version)
-            if outcome.verified is not None and task.reference is not None:
-                await self._measure_likelihoods(task, attempt, verdict, outcome)
+            if outcome.verified is not None and task.reference is not None:  # the label's and the reference's
+                self.to_measure.put_nowait((attempt.attempt_id, [
+                    *attempt_examples("persd", task, attempt, verdict, outcome, self.actors.tokenizer, self.fmt),
+                    *attempt_examples("inpd", task, attempt, verdict, None, self.actors.tokenizer, self.fmt)]))
 
     async def _train(self) -> None:
         turn = self.scheduler.training
@@ -273,21 +277,30 @@ class OnlineLoop:
         if every and version % every == 0 and not self.stop.is_set():
             await self._evaluate(version, full=False)  # once stopped, the wrap-up evaluates the final version
 
-    async def _measure_likelihoods(self, task: Task, attempt: Attempt, verdict: Verdict,
-                                   outcome: RefinementOutcome) -> None:
-        """How likely the student finds the label and the task's reference (personalisation), under the version
-        it serves when the label arrives (the attempt's, or at most max_staleness newer): asking for the
-        attempt's own version would reload a merged student's weights twice per label; skipped while the
-        student is restarting."""
-        pair = [*attempt_examples("persd", task, attempt, verdict, outcome, self.actors.tokenizer, self.fmt),
-                *attempt_examples("inpd", task, attempt, verdict, None, self.actors.tokenizer, self.fmt)]
+    async def _measure(self) -> None:
+        while (first := await self._until_stopped(self.to_measure.get())) is not None:
+            await self._measure_likelihoods([first, *self._drain(self.to_measure)])
+
+    async def _measure_likelihoods(self, batch: list[tuple[str, list[Example]]]) -> None:
+        """How likely the student finds each label and its task's reference (personalisation): all that arrived
+        since the last measurement in one student call, under the version it serves then (the attempt's, or at
+        most max_staleness newer: asking for each attempt's own version would reload a merged student's weights
+        twice per label); skipped while the student is restarting."""
         try:
             async with self.scheduler.turn("student"):
-                label, reference = await self.actors.student.completion_logprobs.remote(
-                    pair, self.ledger.student_version)
+                means = await self.actors.student.completion_logprobs.remote(
+                    [e for _, pair in batch for e in pair], self.ledger.student_version)
         except (VersionNotLoadedError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             return
-        self.ledger.likelihoods(attempt.attempt_id, label, reference)
+        for i, (attempt_id, _) in enumerate(batch):
+            self.ledger.likelihoods(attempt_id, means[2 * i], means[2 * i + 1])
+
+    @staticmethod
+    def _drain(queue: asyncio.Queue[T]) -> list[T]:
+        items = []
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        return items
 
     async def _pause_refinement(self, why: str, seconds: float) -> None:
         log.warning("teacher unavailable (%s); pausing refinement for %.0f s", why, seconds)
@@ -395,7 +408,7 @@ class OnlineLoop:
                         for _ in range(self.config.teacher.max_concurrency)]
             roles = [asyncio.create_task(self._guard(name, c)) for name, c in (
                 ("student", self._generate()), ("trainer", self._train()), ("adapter swap", self._watch_versions()),
-                ("reporter", self._report(display)))]
+                ("likelihoods", self._measure()), ("reporter", self._report(display)))]
             await self.stop.wait()
             # the refiners finish the calls under way (see `_until_stopped`)
             failures = [r for r in await asyncio.gather(*roles, *refiners, return_exceptions=True)
@@ -412,6 +425,8 @@ class OnlineLoop:
         async with self.scheduler.turn("trainer"):
             stats = await self.actors.trainer.finish.remote()  # a last step, the last version, a checkpoint
         self._take_trainer_stats(stats, self.actors.examples.qsize())
+        if pending := self._drain(self.to_measure):  # labels of the refinements finished at the stop
+            await self._measure_likelihoods(pending)
         self.ledger.published(adapters.latest(self.run_dir.adapters))
         if self.ledger.trainer_version > self.ledger.student_version:
             await self._swap(self.ledger.trainer_version)

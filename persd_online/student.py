@@ -144,7 +144,7 @@ class Student:
         self.engine.add_adapter(0, zero)
         self._paths = {0: zero}
         self._gauges: dict[str, Any] = {}
-        self._probes = {0: self.engine.prompt_logprobs(self._probe, 0)}
+        self._probes = {0: self._probe_logprobs(0)}
         log.info("student ready: %s, backend %s, serving version 0 (zero adapter at %s)",
                  model_path.name, config.backend, zero)
 
@@ -169,13 +169,11 @@ class Student:
         if version is not None:
             self._versions(version, 1)
         fmt = self.config.prompt_format
-        means = []
-        for example in examples:
-            prompt = self.tokenizer(example.prompt, add_special_tokens=fmt == "completion").input_ids
-            completion = self.tokenizer(example.completion, add_special_tokens=False).input_ids
-            logprobs = self.engine.prompt_logprobs(prompt + completion, version)  # one per token after the first
-            means.append(sum(logprobs[-len(completion):]) / len(completion) if completion else 0.0)
-        return means
+        prompts = [self.tokenizer(e.prompt, add_special_tokens=fmt == "completion").input_ids for e in examples]
+        completions = [self.tokenizer(e.completion, add_special_tokens=False).input_ids for e in examples]
+        # one engine call for all; one log-prob per token after the first
+        logprobs = self.engine.prompt_logprobs([p + c for p, c in zip(prompts, completions, strict=True)], version)
+        return [sum(lp[-len(c):]) / len(c) if c else 0.0 for lp, c in zip(logprobs, completions, strict=True)]
 
     def token_caps(self, tasks: Sequence[Task], factor: float | None, margin: int, max_new_tokens: int) -> list[int]:
         """Per-task generation caps from the tasks' reference lengths in this student's tokens (`token_caps`)."""
@@ -201,7 +199,7 @@ class Student:
             if version not in self.engine.adapters():
                 raise AdapterDeliveryError(f"adapter version {version} from {path} was added, but the engine "
                                            f"does not list it (it lists {sorted(self.engine.adapters())})")
-            probe = self.engine.prompt_logprobs(self._probe, version)
+            probe = self._probe_logprobs(version)
             delta = logprob_delta(probe, self._probes[previous])
             if delta <= DELIVERY_ATOL:
                 raise AdapterDeliveryError(
@@ -231,12 +229,15 @@ class Student:
         silently, vLLM #53888). Returns the probe's change against version 0; raises AdapterDeliveryError."""
         self.engine.wake_up()
         version = self.latest_version()
-        probe = self.engine.prompt_logprobs(self._probe, version)
-        delta = logprob_delta(probe, self._probes[0])
+        delta = logprob_delta(self._probe_logprobs(version), self._probes[0])
         if version and delta <= DELIVERY_ATOL:
             raise AdapterDeliveryError(f"after waking up, adapter version {version} no longer changes the probe "
                                        f"against version 0 (max change {delta:.2e}): the engine lost its weights")
         return delta
+
+    def _probe_logprobs(self, version: int) -> list[float]:
+        [probe] = self.engine.prompt_logprobs([self._probe], version)
+        return probe
 
     def _evict(self) -> None:
         published = sorted(v for v in self._paths if v != 0)

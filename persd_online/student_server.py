@@ -120,12 +120,13 @@ class ServerEngine:
         scraper."""
         return {}
 
-    def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], version: int | None) -> list[list[float]]:
         model = self._base if version is None else self._name(version)
-        response = self._client.completions.create(model=model, prompt=list(token_ids), max_tokens=1,
+        response = self._client.completions.create(model=model, prompt=[list(ids) for ids in prompts], max_tokens=1,
                                                    temperature=0.0, extra_body={"prompt_logprobs": 0})
-        ranked = response.choices[0].prompt_logprobs
-        return [float(r[str(token)]["logprob"]) for token, r in zip(token_ids[1:], ranked[1:], strict=True)]
+        choices = sorted(response.choices, key=lambda c: c.index)
+        return [[float(r[str(token)]["logprob"]) for token, r in zip(ids[1:], c.prompt_logprobs[1:], strict=True)]
+                for ids, c in zip(prompts, choices, strict=True)]
 
     def sleep(self) -> None:
         raise NotImplementedError("an external vLLM server is not put to sleep by the loop (placement.py: a "

@@ -65,8 +65,8 @@ class ScriptedEngine:
     def adapters(self) -> set[int]:
         return set(self.effects) if self.lists_new_adapters else {0}
 
-    def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
-        return [-1.0 - self.effects[version or 0]] * (len(token_ids) - 1)
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], version: int | None) -> list[list[float]]:
+        return [[-1.0 - self.effects[version or 0]] * (len(ids) - 1) for ids in prompts]
 
     def sleep(self) -> None:
         self.calls.append("sleep")
@@ -227,8 +227,9 @@ def test_engine_env_sets_the_cpu_settings_only_for_an_in_process_cpu_engine(monk
 class PositionEngine(ScriptedEngine):
     """Log-prob of each position: -(its index), so a mean over the last k positions is known."""
 
-    def prompt_logprobs(self, token_ids: Sequence[int], version: int | None) -> list[float]:
-        return [-float(i) for i in range(1, len(token_ids))]
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], version: int | None) -> list[list[float]]:
+        self.calls.append(("prompt_logprobs", len(prompts)))
+        return [[-float(i) for i in range(1, len(ids))] for ids in prompts]
 
 
 def test_completion_logprobs_average_the_completion_tokens_only(student_model, work_dir):
@@ -236,9 +237,11 @@ def test_completion_logprobs_average_the_completion_tokens_only(student_model, w
     example = Example(example_id="e", method="persd", task_id="t", prompt="Write add.", completion="def add(a, b):")
     prompt = len(student.tokenizer(example.prompt).input_ids)
     completion = len(student.tokenizer(example.completion, add_special_tokens=False).input_ids)
-    [mean] = student.completion_logprobs([example], 0)
+    longer = example.model_copy(update={"completion": "def add(a, b):\n    return a + b"})
+    mean, _ = student.completion_logprobs([example, longer], 0)
     positions = range(prompt, prompt + completion)  # the completion's tokens: positions prompt .. end - 1
     assert mean == pytest.approx(-sum(positions) / completion)
+    assert student.engine.calls[-1] == ("prompt_logprobs", 2)  # both in one engine call
 
 
 def test_the_engine_progress_bar_takes_what_vllm_gives_a_tqdm_bar():
