@@ -486,6 +486,12 @@ class Config(_Section):
             )
         if self.student.backend == "vllm_server" and not self.student.server_url:
             raise ValueError("student.backend 'vllm_server' needs student.server_url")
+        if self.placement == "colocated" and self.student.backend != "vllm":
+            raise ValueError("placement: colocated needs student.backend: vllm (the loop cannot hand an external "
+                             "server's device to the trainer); use placement: disaggregated or auto")
+        if self.placement == "colocated" and self.student.num_actors > 1:
+            raise ValueError(f"placement: colocated takes one student engine (student.num_actors is "
+                             f"{self.student.num_actors}); set student.num_actors=1 or placement: disaggregated")
         return self
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from persd_online.config import load_config
+from persd_online.config import ConfigError, load_config
 from persd_online.placement import place, resolve
 
 
@@ -24,11 +24,10 @@ def test_auto_colocates_on_one_machine_cpu_and_on_a_shared_gpu() -> None:
 def test_an_explicit_placement_wins_and_an_impossible_colocation_says_what_to_change() -> None:
     assert resolve(load_config(None, ["placement=disaggregated"]), gpus=0, local=True) == "disaggregated"
     assert resolve(load_config(None, ["placement=colocated"]), gpus=0, local=False) == "colocated"
-    with pytest.raises(ValueError, match="student.num_actors=1 or placement: disaggregated"):
-        resolve(load_config(None, ["placement=colocated", "student.num_actors=2"]), gpus=0, local=True)
-    with pytest.raises(ValueError, match="needs student.backend: vllm"):
-        resolve(load_config(None, ["placement=colocated", "student.backend=vllm_server",
-                                   "student.server_url=http://x:8000"]), gpus=0, local=True)
+    with pytest.raises(ConfigError, match="student.num_actors=1 or placement: disaggregated"):
+        load_config(None, ["placement=colocated", "student.num_actors=2"])  # refused when the config loads
+    with pytest.raises(ConfigError, match="needs student.backend: vllm"):
+        load_config(None, ["placement=colocated", "student.backend=vllm_server", "student.server_url=http://x:8000"])
 
 
 def test_colocated_on_cpu_gives_both_sides_every_core() -> None:
