@@ -29,7 +29,7 @@ from persd_online.loop import Actors, LoopState, OnlineLoop
 from persd_online.metrics import LoopMetrics
 from persd_online.models import resolve_model
 from persd_online.phase_gate import start_phase_gate
-from persd_online.placement import Placement, place, resolve
+from persd_online.placement import place, resolve
 from persd_online.report import base_vs_final, build_report
 from persd_online.run_dir import RunDir
 from persd_online.scheduler import ColocatedScheduler, ConcurrentScheduler, Scheduler
@@ -113,10 +113,11 @@ def _start_actors(config: Config, run: RunDir, heldout: dict[str, list[Task]],
                   examples=examples, tokenizer=AutoTokenizer.from_pretrained(model_path))
 
 
-def _scheduler(placement: Placement, actors: Actors, gate: ray.actor.ActorHandle | None,
+def _scheduler(actors: Actors, gate: ray.actor.ActorHandle | None,
                sleep_mode: bool) -> Callable[[LoopMetrics], Scheduler]:
-    """The loop's scheduler for `placement`."""
-    if placement == "disaggregated" or gate is None:
+    """The loop's scheduler: colocated where there is a phase gate (the colocated placement starts one),
+    else concurrent."""
+    if gate is None:
         return ConcurrentScheduler
     handover = Handover(gate, actors.student, sleep_mode)
     return lambda metrics: ColocatedScheduler(metrics, handover)
@@ -158,7 +159,7 @@ def _execute(config: Config, run: RunDir, state: LoopState | None) -> RunSummary
     actors = _start_actors(config, run, heldout, state, gate)
     try:
         loop = OnlineLoop(config, run, pool, actors, state, startup_s=time.monotonic() - started,
-                          scheduler=_scheduler(placement, actors, gate, config.student.sleep_mode))
+                          scheduler=_scheduler(actors, gate, config.student.sleep_mode))
         summary = asyncio.run(loop.run())
     finally:
         stop_student(actors.student)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -64,6 +64,11 @@ class Engine(Protocol):
     def wake_up(self) -> Awaitable[Any]: ...
 
 
+def _clock(metrics: LoopMetrics, stage: Stage) -> AbstractContextManager[None]:
+    """A turn's busy clock: the stage's, except the trainer's, which the trainer reports itself (its steps)."""
+    return metrics.busy(stage) if stage != "trainer" else nullcontext()
+
+
 class ConcurrentScheduler:
     """Every stage on its own resources: turns start at once (see the module docstring)."""
 
@@ -75,7 +80,7 @@ class ConcurrentScheduler:
 
     @asynccontextmanager
     async def turn(self, stage: Stage) -> AsyncIterator[None]:
-        with self.metrics.busy(stage) if stage != "trainer" else nullcontext():
+        with _clock(self.metrics, stage):
             yield
 
     def training_due(self, ledger: Ledger) -> bool:
@@ -126,7 +131,7 @@ class ColocatedScheduler:
     async def turn(self, stage: Stage) -> AsyncIterator[None]:
         phase = PHASE_OF.get(stage)
         if phase is None:  # the teacher and the sandbox work through both phases
-            with self.metrics.busy(stage):
+            with _clock(self.metrics, stage):
                 yield
             return
         async with self._changed:
@@ -139,7 +144,7 @@ class ColocatedScheduler:
                 await self._switch(phase)
             self._active += 1
         try:
-            with self.metrics.busy(stage) if stage != "trainer" else nullcontext():
+            with _clock(self.metrics, stage):
                 yield
         finally:
             async with self._changed:
