@@ -21,9 +21,9 @@
 `place(config, placement)` returns the config the actors get. Colocated, on CPU: both sections' core lists
 become their union (null if either is null: every core); on a GPU: vLLM's sleep mode is on
 (`student.sleep_mode`). The side whose turn it is not is idle on CPU without further settings: measured
-(`benchmarks/idle_cores.py`), the waiting engine used 0.03 of a core and the waiting trainer 0.003 under the
+(`benchmarks/idle_cores.py`), the waiting engine used 0.03 of a core and the waiting trainer under 0.01 under the
 OpenMP runtime's default wait policy (its threads spin only briefly at a barrier, then sleep);
-`OMP_WAIT_POLICY=PASSIVE` idled no better and its training steps were slower (5.16 against 4.66 s, one run),
+`OMP_WAIT_POLICY=PASSIVE` idled no better and its training steps were slower (5.78 against 4.69 s, two runs agree),
 and `ACTIVE`, the control, spun a whole core. So no wait policy is set (`*.resources.env` can set one).
 
 Invariants: `resolve` never returns `auto`; `place` does not change a disaggregated config; an explicit
